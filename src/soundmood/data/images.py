@@ -1,0 +1,61 @@
+"""Decode and resize face images. Training, evaluation and serving share these functions,
+so a face is turned into model input the same way everywhere."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# Bounded so that a decompression bomb is refused rather than decoded.
+MAX_PIXELS = 40_000_000
+
+
+class ImageError(ValueError):
+    """An image could not be decoded; the message names it and says why."""
+
+
+def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image file or encoded bytes, honouring EXIF orientation."""
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with Image.open(stream) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(
+                    f"{label}: {img.width}x{img.height} exceeds the {MAX_PIXELS} pixel limit"
+                )
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{label}: not a decodable image ({exc})") from exc
+    except OSError as exc:  # truncated or corrupt data
+        raise ImageError(f"{label}: corrupt or truncated image ({exc})") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB whatever the mode (greyscale, palette, alpha composited on black, CMYK, 16-bit)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / max(float(arr.max()), 1.0) if arr.max() > 255 else 1.0
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return img.convert("RGBA").convert("RGB")
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, size: int) -> np.ndarray:
+    """Square uint8 RGB array of side `size` (area-aware bilinear)."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_face(source: str | Path | bytes, size: int, name: str | None = None) -> np.ndarray:
+    """Any face image to the model's input: uint8 RGB, size x size."""
+    return resize(to_rgb(open_image(source, name)), size)

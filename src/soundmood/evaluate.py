@@ -1,0 +1,114 @@
+"""evaluate stage: the one place the test split is read. Scores models/model.keras, writes the
+reports DVC shows (metrics.json, classification_report.json, plots/confusion.csv) and logs test
+metrics, the confusion matrix and the model to the pipeline's MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+)
+
+from soundmood import tracking
+from soundmood.data.prepare import load_split
+from soundmood.train import MODEL_FILE
+
+matplotlib.use("Agg")
+
+
+def predict_proba(model: keras.Model, x: np.ndarray, batch_size: int, tta_flip: bool) -> np.ndarray:
+    """Class probabilities; with `tta_flip` averaged with those of the mirrored faces."""
+    probs = model.predict(x, batch_size=batch_size, verbose=0)
+    if tta_flip:
+        probs = (probs + model.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
+    return probs
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> tuple[dict, dict]:
+    """Flat metrics (accuracy, macro/weighted F1, per-class P/R/F1) and sklearn's full report."""
+    labels = list(range(len(classes)))
+    report = classification_report(y_true, y_pred, labels=labels, target_names=classes,
+                                   output_dict=True, zero_division=0)
+    flat = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+    }
+    for name in classes:
+        for stat in ("precision", "recall", "f1-score"):
+            flat[f"{name}_{stat.replace('-score', '')}"] = float(report[name][stat])
+    return {k: round(v, 4) for k, v in flat.items()}, report
+
+
+def confusion_png(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], out: Path) -> None:
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    display = ConfusionMatrixDisplay(cm, display_labels=classes)
+    display.plot(cmap="Blues", colorbar=False, xticks_rotation=30)
+    display.figure_.tight_layout()
+    display.figure_.savefig(out, dpi=120)
+    matplotlib.pyplot.close(display.figure_)
+
+
+def write_reports(reports: Path, metrics: dict, report: dict, y_true: np.ndarray,
+                  y_pred: np.ndarray, classes: list[str]) -> list[Path]:
+    plots = reports / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    paths = [reports / "metrics.json", reports / "classification_report.json",
+             plots / "confusion.csv", plots / "confusion.png"]
+    paths[0].write_text(json.dumps(metrics, indent=2) + "\n")
+    paths[1].write_text(json.dumps(report, indent=2) + "\n")
+    pd.DataFrame({"actual": [classes[i] for i in y_true],
+                  "predicted": [classes[i] for i in y_pred]}).to_csv(paths[2], index=False)
+    confusion_png(y_true, y_pred, classes, paths[3])
+    return paths
+
+
+def log_model(model: keras.Model, example: np.ndarray) -> str:
+    """Log the Keras model with a uint8-image signature; returns its models:/ URI."""
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    info = mlflow.keras.log_model(model, name="model", signature=signature)
+    return info.model_uri
+
+
+def run(cfg: DictConfig) -> dict:
+    """The `evaluate` stage."""
+    classes = list(cfg.data.classes)
+    reports = Path(cfg.evaluate.reports_dir)
+    model = keras.models.load_model(Path(cfg.train.model_dir) / MODEL_FILE)
+    x, y = load_split(cfg.data.prepared_dir, "test")
+    probs = predict_proba(model, x, cfg.evaluate.batch_size, cfg.evaluate.tta_flip)
+    y_pred = probs.argmax(axis=1)
+    metrics, report = score(y, y_pred, classes)
+    paths = write_reports(reports, metrics, report, y, y_pred, classes)
+
+    tracking.setup(cfg)
+    run_id = json.loads((reports / "train_run.json").read_text())["mlflow_run_id"]
+    with mlflow.start_run(run_id=run_id):
+        tracking.log_dataset(cfg, "test", "evaluation")
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path="evaluation")
+        curves = reports / "plots" / "training_curves.csv"
+        if curves.exists():
+            mlflow.log_artifact(str(curves), artifact_path="evaluation")
+        model_uri = log_model(model, x[:2])
+    (reports / "evaluation.json").write_text(json.dumps(
+        {"mlflow_run_id": run_id, "model_uri": model_uri, "test_images": int(len(y))},
+        indent=2) + "\n")
+    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+          f"on {len(y)} images; model {model_uri}")
+    return metrics

@@ -1,0 +1,70 @@
+"""MLflow conventions shared by every stage: where runs go, what tags they carry, how they link.
+
+train opens the pipeline's run and evaluate resumes it (its id travels in reports/train_run.json),
+so one MLflow run holds a pipeline execution's params, curves, test metrics and model; the tune
+stage's parent run is linked to it by the `soundmood.tune_run_id` tag.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig
+
+from soundmood.config import flatten
+from soundmood.data.layout import data_version
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+
+
+def setup(cfg: DictConfig) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
+
+
+def git_state() -> dict[str, str]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def run_tags(cfg: DictConfig, stage: str) -> dict[str, str]:
+    return {
+        **git_state(),
+        "profile": str(cfg.get("profile", "")),
+        "model_name": cfg.model.name,
+        "data_version": data_version(),
+        "stage": stage,
+    }
+
+
+def log_config(cfg: DictConfig) -> None:
+    """The composed config as flat dotted params (train.lr, model.name, ...)."""
+    params = {k: str(v) for k, v in flatten(cfg).items()}
+    items = list(params.items())
+    for start in range(0, len(items), 100):  # MLflow caps one batch at 100 params
+        mlflow.log_params(dict(items[start : start + 100]))
+
+
+def log_dataset(cfg: DictConfig, split: str, context: str) -> None:
+    """Record the data version (data.dvc md5) as the run's dataset input."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(str(Path(cfg.data.root).resolve() / split))
+    dataset = MetaDataset(source=source, name=f"raf-db-5class-{split}", digest=data_version())
+    mlflow.log_input(dataset, context=context)
