@@ -1,7 +1,9 @@
-"""`soundmood <stage>`: one subcommand per pipeline stage (dvc.yaml calls these) plus tools.
+"""`soundmood <command>`: one subcommand per pipeline stage (dvc.yaml calls these) plus tools.
 
-Stages read params.yaml (what DVC tracks); trailing `key=value` arguments override it for one run.
-Exit codes: 0 success, 1 unexpected failure, 2 bad input (config, data or image), 130 interrupted.
+Every command reads params.yaml (what DVC tracks; composed from conf/). Stage commands accept
+trailing `key=value` arguments that override it for one run.
+Exit codes: 0 success, 1 unexpected failure or a failed check, 2 bad input (config, data, image,
+archive), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,25 +13,76 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
-STAGE_HELP = {
-    "validate": "check the data tree (class folders, decodable 100x100 RGB images, leakage) "
-                "and write reports/data_validation.json",
-    "prepare": "decode every image once into prepared/*.npy at data.image_size and carve the "
-               "stratified validation split from train",
-    "tune": "search hyper-parameters with Optuna on the validation split "
-            "(writes reports/best_params.yaml)",
-    "train": "train the configured model, keep the best validation epoch, save models/model.keras",
-    "evaluate": "score models/model.keras on the test split once; write reports/metrics.json and "
-                "log everything to MLflow",
-}
-# stage name -> "module:function" taking the composed config
-STAGE_TARGETS = {
-    "validate": "soundmood.data.validate:run",
-    "prepare": "soundmood.data.prepare:run",
-    "tune": "soundmood.tune:run",
-    "train": "soundmood.train:run",
-    "evaluate": "soundmood.evaluate:run",
+
+@dataclass(frozen=True)
+class Command:
+    target: str  # "module:function"; stages take (cfg), tools take (cfg, args)
+    help: str
+    stage: bool = False
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes on one study (default 1); with a PostgreSQL "
+                        "tune.storage the same command on other machines joins the study")
+
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", type=int, help="model version to promote (default: the latest)")
+    p.add_argument("--force", action="store_true", help="skip the gate (needs --reason)")
+    p.add_argument("--reason", help="why a forced promotion is made (recorded as a tag)")
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="photos (JPEG/PNG/WebP) or folders")
+    p.add_argument("--model", default="models:/soundmood-fer@champion",
+                   help="model URI or local .keras path (default: %(default)s)")
+    p.add_argument("--annotate", metavar="OUT_DIR", help="write annotated copies here")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="RAF-DB folder or .zip (official basic release or Kaggle copy)")
+    p.add_argument("--out", default="data/raf-db-5class",
+                   help="where to write the 5-class tree (default: %(default)s)")
+
+
+COMMANDS: dict[str, Command] = {
+    "validate": Command(
+        "soundmood.data.validate:run", "check the data tree (class folders, decodable 100x100 "
+        "RGB images, leakage) and write reports/data_validation.json", stage=True),
+    "prepare": Command(
+        "soundmood.data.prepare:run", "decode every image once into prepared/*.npy at "
+        "data.image_size and carve the stratified validation split from train", stage=True),
+    "tune": Command(
+        "soundmood.tune:cli", "search hyper-parameters with Optuna on the validation split "
+        "(writes reports/best_params.yaml)", stage=True, arguments=_tune_args),
+    "train": Command(
+        "soundmood.train:run", "train the configured model, keep the best validation epoch, "
+        "save models/model.keras", stage=True),
+    "evaluate": Command(
+        "soundmood.evaluate:run", "score models/model.keras on the test split once; write "
+        "reports/metrics.json and log everything to MLflow", stage=True),
+    "register": Command(
+        "soundmood.registry:register_cli", "register the evaluated model as a new version "
+        "(alias challenger) and, if registry.auto_promote, run the promotion gate", stage=True),
+    "promote": Command(
+        "soundmood.registry:promote_cli", "move the champion alias to a version that passes the "
+        "gate (or --force with --reason)", arguments=_promote_args),
+    "rollback": Command(
+        "soundmood.registry:rollback_cli", "move champion back to the previous champion"),
+    "models": Command(
+        "soundmood.registry:models_cli", "table of registered versions: aliases, metrics, data, "
+        "commit"),
+    "predict": Command(
+        "soundmood.inference:predict_cli", "detect faces in photos, classify each, and give one "
+        "mood per photo", arguments=_predict_args),
+    "import-rafdb": Command(
+        "soundmood.data.importer:import_cli", "build the 5-class tree from an official RAF-DB "
+        "or Kaggle-copy download (folder or .zip)", arguments=_import_args),
 }
 
 
@@ -38,16 +91,11 @@ def _target(spec: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
-def _add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="override params.yaml for this run, e.g. train.epochs=3")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="soundmood",
-        description="SoundMood facial-expression pipeline. Stages read params.yaml; "
-                    "`dvc repro` runs them in order.",
+        description="SoundMood facial-expression pipeline. Commands read params.yaml; "
+                    "`dvc repro` runs the stages in order.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     params = sub.add_parser(
@@ -58,8 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write nothing; exit 1 with a diff if params.yaml != conf/ composed")
     params.add_argument("overrides", nargs="*", metavar="OVERRIDE",
                         help="Hydra overrides, e.g. profile=smoke train.epochs=3")
-    for name, text in STAGE_HELP.items():
-        _add_overrides(sub.add_parser(name, help=text, description=text))
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if command.arguments:
+            command.arguments(p)
+        if command.stage:
+            p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                           help="override params.yaml for this run, e.g. train.epochs=3")
     return parser
 
 
@@ -81,6 +134,10 @@ def _run_params(args: argparse.Namespace) -> int:
     return 0
 
 
+class UserError(Exception):
+    """Bad input from the user; modules raise subclasses so the CLI exits 2 with the message."""
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
@@ -91,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "params":
             return _run_params(args)
-        cfg = load(args.overrides)
-        _target(STAGE_TARGETS[args.command])(cfg)
-        return 0
-    except (ConfigError, DataValidationError, ImageError, FileNotFoundError) as exc:
+        command = COMMANDS[args.command]
+        cfg = load(getattr(args, "overrides", []))
+        target = _target(command.target)
+        result = target(cfg) if command.stage and not command.arguments else target(cfg, args)
+        return result if isinstance(result, int) else 0
+    except (ConfigError, DataValidationError, ImageError, FileNotFoundError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,6 +8,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 
+def cli(cfg: DictConfig, args: object) -> dict:
+    return run(cfg)
+
+
 def run(cfg: DictConfig) -> dict:
     best = Path(cfg.tune.best_params_path)
     best.parent.mkdir(parents=True, exist_ok=True)
