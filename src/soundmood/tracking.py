@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -62,9 +63,11 @@ def log_config(cfg: DictConfig) -> None:
 
 def log_dataset(cfg: DictConfig, split: str, context: str) -> None:
     """Record the data version (data.dvc md5) as the run's dataset input."""
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = LocalArtifactDatasetSource(str(Path(cfg.data.root).resolve() / split))
+    with warnings.catch_warnings():  # a local folder matches two equivalent source classes
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(cfg.data.root).resolve() / split))
     dataset = MetaDataset(source=source, name=f"raf-db-5class-{split}", digest=data_version())
     mlflow.log_input(dataset, context=context)
