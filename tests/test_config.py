@@ -1,0 +1,59 @@
+"""conf/ and params.yaml never disagree; overrides and validation name the key."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from soundmood.config import ConfigError, flatten, load, params_diff, validate
+from tests.conftest import ROOT, compose_config
+
+
+def test_committed_params_match_conf() -> None:
+    result = subprocess.run(["soundmood", "params", "--check"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_reports_a_diff_when_they_disagree(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    assert params_diff(tmp_path) == ""
+    train = tmp_path / "conf" / "train" / "default.yaml"
+    train.write_text(train.read_text().replace("epochs: 12", "epochs: 13"))
+    diff = params_diff(tmp_path)
+    assert "-  epochs: 12" in diff and "+  epochs: 13" in diff
+
+
+def test_profiles_compose_and_validate() -> None:
+    for profile in ("cpu", "smoke", "gpu"):
+        cfg = compose_config([f"profile={profile}"])
+        validate(cfg)
+        assert cfg.profile == profile
+    assert compose_config(["model=seed_cnn"]).model.name == "seed_cnn"
+
+
+def test_flatten_gives_dotted_keys() -> None:
+    flat = flatten(compose_config())
+    assert flat["train.lr"] == pytest.approx(1e-3)
+    assert flat["data.classes"] == ["angry", "happy", "neutral", "sad", "surprised"]
+
+
+def test_load_applies_overrides_and_rejects_unknown_keys() -> None:
+    assert load(["train.epochs=3"], ROOT).train.epochs == 3
+    with pytest.raises(ConfigError, match="train.epochz"):
+        load(["train.epochz=3"], ROOT)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.lr=-0.1", "train.lr"),
+    ("model.name=resnet9000", "model.name"),
+    ("data.image_size=8", "data.image_size"),
+])
+def test_bad_values_fail_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load([override], ROOT)

@@ -1,0 +1,121 @@
+"""End to end: a real `dvc repro` of the smoke profile in a temporary copy of the repository,
+with RAF-DB pulled from the team's DVC remote and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+SHARED = ROOT.parent / "shared"
+
+
+def _sh(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _copy_checkout(dest: Path) -> None:
+    """Tracked and untracked-but-not-ignored files only, as a fresh clone plus local edits."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Runs the smoke pipeline once; the tests below inspect what it left."""
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} is missing: the DVC remote and weights live there")
+    base = tmp_path_factory.mktemp("e2e")
+    repo = base / "repo"
+    repo.mkdir()
+    (base / "shared").symlink_to(SHARED)  # ../shared, as beside a real clone
+    _copy_checkout(repo)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}"}
+    for args in (["git", "init", "-q"], ["git", "add", "-A"],
+                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+                 ["soundmood", "params", "profile=smoke"], ["dvc", "pull", "-q"]):
+        _sh(args, repo, env)
+    start = time.perf_counter()
+    first = _sh(["dvc", "repro"], repo, env)
+    first_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    second = _sh(["dvc", "repro"], repo, env)
+    return {"repo": repo, "env": env, "first": first, "first_seconds": first_seconds,
+            "second": second, "second_seconds": time.perf_counter() - start}
+
+
+def test_metrics_json_has_flat_test_metrics(pipeline: dict) -> None:
+    metrics = json.loads((pipeline["repo"] / "reports" / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "weighted_f1"):
+        assert 0.0 <= metrics[key] <= 1.0
+    for name in ("angry", "happy", "neutral", "sad", "surprised"):
+        for stat in ("precision", "recall", "f1"):
+            assert 0.0 <= metrics[f"{name}_{stat}"] <= 1.0
+    confusion = (pipeline["repo"] / "reports" / "plots" / "confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 1 + 5 * 40
+
+
+def test_mlflow_run_has_params_metrics_artifacts_and_model(pipeline: dict) -> None:
+    mlflow.set_tracking_uri(pipeline["env"]["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    run_id = json.loads((pipeline["repo"] / "reports" / "train_run.json").read_text())[
+        "mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.data.params["model.name"] == "mobilenet_v2"
+    assert run.data.params["profile"] == "smoke"
+    assert run.data.tags["profile"] == "smoke" and len(run.data.tags["git_commit"]) == 40
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+        assert len(client.get_metric_history(run_id, key)) >= 2, key
+    metrics = json.loads((pipeline["repo"] / "reports" / "metrics.json").read_text())
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert run.data.metrics["test_angry_recall"] == pytest.approx(metrics["angry_recall"])
+    artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/confusion.png", "evaluation/confusion.csv",
+            "evaluation/classification_report.json"} <= artifacts
+    digests = {d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert "e3aa2ebbb86bae659df00b55916f5159" in digests
+    model_uri = json.loads((pipeline["repo"] / "reports" / "evaluation.json").read_text())[
+        "model_uri"]
+    assert mlflow.models.get_model_info(model_uri).signature is not None
+
+
+def test_second_repro_does_nothing(pipeline: dict) -> None:
+    out = pipeline["second"].stdout
+    assert "Running stage" not in out, out
+    print(f"first repro {pipeline['first_seconds']:.0f}s, no-op repro "
+          f"{pipeline['second_seconds']:.1f}s")
+
+
+def test_no_test_image_in_train_or_val(pipeline: dict) -> None:
+    index = json.loads((pipeline["repo"] / "prepared" / "index.json").read_text())
+    seen = {h for split in ("train", "val") for _, h in index["files"][split]}
+    assert seen and not seen & {h for _, h in index["files"]["test"]}
+
+
+def test_exp_run_override_reaches_the_stages(pipeline: dict) -> None:
+    """DVC's Hydra integration: `-S` composes conf/ with the override into params.yaml."""
+    repo, env = pipeline["repo"], pipeline["env"]
+    _sh(["dvc", "exp", "run", "-S", "profile=smoke", "-S", "train.epochs=1",
+         "-S", "tune.enabled=false"], repo, env)
+    shown = _sh(["dvc", "exp", "show", "--json"], repo, env).stdout
+    assert '"epochs": 1' in shown.replace("'", '"')
+    train = json.loads((repo / "reports" / "train.json").read_text())
+    assert train["epochs_run"] == 1
