@@ -71,6 +71,8 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
     if not path.exists():
         raise ConfigError(f"{path} is missing: run `soundmood params` to compose it from conf/")
     cfg = OmegaConf.load(path)
+    # MLproject passes all overrides as one space-separated argument
+    overrides = [part for item in overrides for part in item.split()]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
