@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,14 @@ def _run_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_timing(cfg: object, stage: str, seconds: float) -> None:
+    """Wall time of the last run of each stage, for benchmarks/ (not a DVC output)."""
+    folder = Path(cfg.evaluate.reports_dir) / "timings"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stage}.json").write_text(json.dumps(
+        {"stage": stage, "seconds": round(seconds, 1), "finished_at": time.time()}) + "\n")
+
+
 class UserError(Exception):
     """Bad input from the user; modules raise subclasses so the CLI exits 2 with the message."""
 
@@ -151,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         command = COMMANDS[args.command]
         cfg = load(getattr(args, "overrides", []))
         target = _target(command.target)
+        start = time.perf_counter()
         result = target(cfg) if command.stage and not command.arguments else target(cfg, args)
+        if command.stage:
+            _record_timing(cfg, args.command, time.perf_counter() - start)
         return result if isinstance(result, int) else 0
     except (ConfigError, DataValidationError, ImageError, FileNotFoundError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
