@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -260,6 +261,7 @@ def run(cfg: DictConfig) -> FitResult:
             "best_epoch": result.best_epoch,
             "train_seconds": result.seconds,
             "train_images_per_second": result.images_per_second,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         })
         save_model_atomically(result.model, Path(cfg.train.model_dir) / MODEL_FILE)
         run_id = active.info.run_id
