@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 repro: setup  ## pull RAF-DB from the DVC remote and run the whole pipeline (default profile)
-	$(BIN)/dvc pull
+	$(BIN)/dvc pull data.dvc
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
 
 test: setup  ## the whole test suite, end-to-end smoke pipeline included

@@ -18,7 +18,7 @@ DATA_ROOT = ROOT / "data" / "raf-db-5class"
 def _ensure_data() -> None:
     """Pull RAF-DB from the team's DVC remote once, if this checkout has not yet."""
     if not (DATA_ROOT / "test").is_dir():
-        subprocess.run(["dvc", "pull", "-q"], cwd=ROOT, check=True)
+        subprocess.run(["dvc", "pull", "-q", "data.dvc"], cwd=ROOT, check=True)
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -51,7 +51,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}"}
     for args in (["git", "init", "-q"], ["git", "add", "-A"],
                  ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
-                 ["soundmood", "params", "profile=smoke"], ["dvc", "pull", "-q"]):
+                 ["soundmood", "params", "profile=smoke"], ["dvc", "pull", "-q", "data.dvc"]):
         _sh(args, repo, env)
     start = time.perf_counter()
     first = _sh(["dvc", "repro"], repo, env)

@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> dict:
             mlflow.log_artifact(str(curves), artifact_path="evaluation")
         model_uri = log_model(model, x[:2])
     (reports / "evaluation.json").write_text(json.dumps(
-        {"mlflow_run_id": run_id, "model_uri": model_uri, "test_images": int(len(y))},
+        {"mlflow_run_id": run_id, "model_uri": model_uri, "test_images": len(y)},
         indent=2) + "\n")
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"on {len(y)} images; model {model_uri}")
