@@ -185,7 +185,7 @@ def fit(
         h = model.fit(train_ds, validation_data=val_ds, epochs=warmup, class_weight=weights,
                       callbacks=callbacks, verbose=verbose)
         history += _rows(h)
-    if not model.stop_training:
+    if not getattr(model, "stop_training", False):  # set only once fit() ran
         set_backbone_trainable(model, True, m.get("frozen_layers", 0))
         compile_model(model, t, n_classes, steps * (epochs - warmup))
         stopper = keras.callbacks.EarlyStopping(
