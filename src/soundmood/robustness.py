@@ -465,9 +465,13 @@ def _layers_module() -> Any:
 
             def one(args: tuple) -> tf.Tensor:
                 img, apply, n = args
-                return tf.cond(apply, lambda: tf.image.resize(
-                    tf.image.resize(img, tf.stack([n, n]), "area"), side, "bilinear"),
-                    lambda: img)
+
+                def down_up() -> tf.Tensor:
+                    low = tf.image.resize(img, tf.stack([n, n]), "area")
+                    # Float error leaves values a hair outside [0, 255].
+                    return tf.clip_by_value(tf.image.resize(low, side, "bilinear"), 0.0, 255.0)
+
+                return tf.cond(apply, down_up, lambda: img)
 
             out = tf.map_fn(one, (images, u[:, 0] < self.probability, low),
                             fn_output_signature=tf.float32)
