@@ -1,0 +1,46 @@
+"""Mood from real photos: find the faces, frame each like RAF-DB's aligned crops, classify them
+and combine them into one mood per photo. `soundmood predict` and the served model share this.
+
+Stable API (docs/inference.md):
+    detect_faces(image, settings=None) -> list[Face]
+        image: PIL image (any mode) or HxWx3 uint8 RGB array, upright. Face: box (x, y, w, h),
+        confidence, landmarks, crop(size) -> uint8 (size, size, 3) model input;
+        np.asarray(face) is the crop at RAF-DB's 100 px.
+    predict_photo(model, image, cfg) -> PhotoResult (faces with probabilities and label, mood)
+    load_model(uri_or_path, cfg=None) -> the Keras classifier (.keras file or MLflow URI)
+"""
+
+from soundmood.inference.command import collect_photos, load_photo, predict_cli, predict_file
+from soundmood.inference.detect import LANDMARKS, Face, crop_face, detect_faces
+from soundmood.inference.predict import (
+    FaceResult,
+    ModelLoadError,
+    PhotoResult,
+    classify,
+    combine_mood,
+    input_size,
+    load_model,
+    predict_photo,
+)
+from soundmood.inference.settings import Settings, from_config
+
+__all__ = [
+    "LANDMARKS",
+    "Face",
+    "FaceResult",
+    "ModelLoadError",
+    "PhotoResult",
+    "Settings",
+    "classify",
+    "collect_photos",
+    "combine_mood",
+    "crop_face",
+    "detect_faces",
+    "from_config",
+    "input_size",
+    "load_model",
+    "load_photo",
+    "predict_cli",
+    "predict_file",
+    "predict_photo",
+]

@@ -1,0 +1,114 @@
+"""`soundmood predict PATH... [--model URI] [--annotate OUT_DIR] [--json]`.
+
+Exit codes: 0 when at least one photo was read (a photo without faces counts: mood null),
+2 when every file failed to read, no photo was found, or the model/config is unusable.
+Unreadable files are named on stderr (and in their JSON line / table row); the batch goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from soundmood.cli import UserError
+from soundmood.data.images import IMAGE_SUFFIXES, ImageError, open_image, to_rgb
+from soundmood.inference import annotate
+from soundmood.inference.predict import PhotoResult, load_model, predict_photo
+from soundmood.inference.settings import Settings, from_config
+
+
+def collect_photos(paths: list[str]) -> list[Path]:
+    """Files as given (in order) and, for folders, their JPEG/PNG/WebP files recursively, sorted.
+    Hidden files (macOS ._ copies and the like) in folders are skipped."""
+    found: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            found.extend(sorted(
+                p for p in item.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(item).parts)))
+        else:
+            found.append(item)  # a missing or undecodable file is reported, not skipped
+    return found
+
+
+def predict_file(model: Any, path: Path, cfg: DictConfig, settings: Settings,
+                 out_dir: Path | None, taken: set[Path]) -> PhotoResult:
+    """One photo's result; an unreadable file gives a result with `error` set."""
+    try:
+        photo = to_rgb(open_image(path))
+    except ImageError as exc:
+        return PhotoResult(str(path), error=str(exc))
+    except OSError as exc:  # missing, a folder, no permission
+        return PhotoResult(str(path), error=f"{path}: {exc.strerror or exc}")
+    result = predict_photo(model, photo, cfg, path=str(path), settings=settings)
+    if out_dir is not None:
+        target = annotate.output_path(path, out_dir, taken)
+        annotate.save(annotate.draw(photo, result, list(cfg.data.classes)), target)
+        result.annotated = str(target)
+    return result
+
+
+def predict_cli(cfg: DictConfig, args: argparse.Namespace) -> int:
+    settings = from_config(cfg.get("inference"))
+    photos = collect_photos(args.paths)
+    if not photos:
+        raise UserError(f"no photos (JPEG/PNG/WebP) found in {', '.join(args.paths)}")
+    if len(photos) > settings.limits.max_files:
+        raise UserError(f"{len(photos)} photos exceed inference.limits.max_files="
+                        f"{settings.limits.max_files}; split the batch or raise the limit")
+    model = load_model(args.model, cfg)
+    _check_classes(model, list(cfg.data.classes), args.model)
+    out_dir = Path(args.annotate) if args.annotate else None
+    taken: set[Path] = set()
+    results = []
+    bar = tqdm(photos, desc="photos", unit="photo", disable=None if len(photos) > 1 else True,
+               file=sys.stderr)
+    for path in bar:
+        result = predict_file(model, path, cfg, settings, out_dir, taken)
+        if result.error:
+            bar.write(f"error: {result.error}", file=sys.stderr)
+        if args.json:
+            bar.write(json.dumps(result.to_json()), file=sys.stdout)
+        results.append(result)
+    if not args.json:
+        Console().print(results_table(results))
+    return 0 if any(r.error is None for r in results) else 2
+
+
+def _check_classes(model: Any, classes: list[str], uri: str) -> None:
+    outputs = int(model.output_shape[-1])
+    if outputs != len(classes):
+        raise UserError(f"--model {uri} has {outputs} outputs but data.classes names "
+                        f"{len(classes)} classes ({', '.join(classes)})")
+
+
+def results_table(results: list[PhotoResult]) -> Table:
+    table = Table(title="Mood per photo")
+    for name, justify in (("photo", "left"), ("faces", "right"), ("mood", "left"),
+                          ("each face: label p (x, y, w, h)", "left"), ("ms", "right")):
+        table.add_column(name, justify=justify)
+    for r in results:
+        if r.error:
+            table.add_row(r.path, "", "[red]unreadable[/red]", f"[red]{r.error}[/red]", "")
+            continue
+        mood = f"{r.mood} {r.mood_probabilities[r.mood]:.2f}" if r.mood else "-"
+        faces = "\n".join(f"{f.label} {f.probabilities[f.label]:.2f} {tuple(f.box)}"
+                          for f in r.faces) or "no face found"
+        table.add_row(r.path, str(len(r.faces)), mood, faces,
+                      f"{1000 * sum(r.seconds.values()):.0f}")
+    return table
+
+
+def load_photo(path: str | Path) -> Image.Image:
+    """An upright RGB photo, decoded as `soundmood predict` decodes it."""
+    return to_rgb(open_image(path))
