@@ -75,12 +75,26 @@ def write_reports(reports: Path, metrics: dict, report: dict, y_true: np.ndarray
     return paths
 
 
-def log_model(model: keras.Model, example: np.ndarray) -> str:
-    """Log the Keras model with a uint8-image signature; returns its models:/ URI."""
-    from mlflow.models import infer_signature
+def log_model(model: keras.Model, cfg: DictConfig, examples: np.ndarray) -> str:
+    """Log the served model (soundmood.serving: encoded images in, class probabilities out) and
+    return its models:/ URI. Its Keras file is a copy without optimizer state, which serving never
+    uses and which would triple its size."""
+    import tempfile
 
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    info = mlflow.keras.log_model(model, name="model", signature=signature)
+    from omegaconf import OmegaConf
+
+    from soundmood import serving
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MODEL_FILE
+        served = keras.Model.from_config(model.get_config())  # uncompiled: no optimizer
+        served.set_weights(model.get_weights())
+        served.save(path)
+        inference = cfg.get("inference")
+        info = serving.log_pyfunc(
+            path, list(cfg.data.classes), cfg.evaluate.tta_flip, cfg.evaluate.batch_size,
+            examples, detect_faces=bool(cfg.registry.get("detect_faces", False)),
+            inference=OmegaConf.to_container(inference) if inference else None)
     return info.model_uri
 
 
@@ -105,7 +119,7 @@ def run(cfg: DictConfig) -> dict:
         curves = reports / "plots" / "training_curves.csv"
         if curves.exists():
             mlflow.log_artifact(str(curves), artifact_path="evaluation")
-        model_uri = log_model(model, x[:2])
+        model_uri = log_model(model, cfg, x[:2])
     (reports / "evaluation.json").write_text(json.dumps(
         {"mlflow_run_id": run_id, "model_uri": model_uri, "test_images": len(y)},
         indent=2) + "\n")

@@ -1,0 +1,246 @@
+"""The served model: an MLflow pyfunc that turns encoded photos of faces into expression
+probabilities, so a client never needs this repository, Keras or our preprocessing.
+
+Input: a DataFrame with a column `image` of encoded JPEG/PNG/WebP bytes. In a JSON request to
+`mlflow models serve` they are base64 strings, e.g.
+    {"dataframe_records": [{"image": "<base64>"}], "params": {"detect_faces": false}}
+(the signature declares `image` as binary, so the scoring server base64-decodes the column).
+Output: one row per image: a probability column per class (summing to 1) and `label`, the most
+probable class; with face detection on, also `faces`, how many faces the probabilities average.
+
+Decoding, RGB conversion and resizing happen here with soundmood.data.images, the code training
+used. The soundmood package is logged with the model (code_paths), so the model loads and serves
+without this repository on the path. Bad input (a missing column, bytes that are not an image)
+raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring server answers with a 400.
+
+Face detection (`detect_faces`, default off; the model_config default, overridable per request
+with the `detect_faces` param): RAF-DB faces are aligned crops, so by default the whole image is
+the face. For full photos it calls soundmood.inference (the code `soundmood predict` runs):
+    detect_faces(image, settings) -> faces (Face.crop(size) -> model input, Face.area)
+    combine_mood(probs, areas, weighting) -> one probability vector per photo
+with the cfg.inference logged in model_config["inference"]. A detector returning plain crops
+(arrays or PIL images) works too. A photo with no face found is classified whole; the `faces`
+column says how many faces each row combines (0: the whole photo).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+IMAGE_COLUMN = "image"
+LABEL_COLUMN = "label"
+FACES_COLUMN = "faces"
+KERAS_ARTIFACT = "keras_model"
+DETECT_FACES = "detect_faces"
+INFERENCE_SETTINGS = "inference"
+# What the served model imports, pinned to the versions it was logged with; each entry lists
+# interchangeable distributions (the first installed one is pinned; none installed: left out,
+# as mtcnn and omegaconf are needed only with face detection).
+SERVING_PACKAGES = (("mlflow",), ("keras",), ("tensorflow-cpu", "tensorflow"), ("numpy",),
+                    ("pandas",), ("pillow",), ("omegaconf",), ("mtcnn",))
+
+def invalid_input(message: str) -> MlflowException:
+    """The error the scoring server turns into a 400 with `message`."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def encoded_bytes(value: object, row: int) -> bytes:
+    """One cell of the `image` column as encoded image bytes (base64 strings are accepted too)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise invalid_input(
+                f"image[{row}]: a string that is not base64 ({exc}); send the encoded "
+                "JPEG/PNG file base64-encoded") from exc
+    raise invalid_input(
+        f"image[{row}]: expected encoded JPEG/PNG bytes, got {type(value).__name__}")
+
+
+def face_detector() -> tuple[Callable, Callable] | None:
+    """soundmood.inference's (detect_faces, combine_mood), when that module provides them."""
+    try:
+        from soundmood.inference import combine_mood, detect_faces
+    except ImportError:
+        return None
+    return detect_faces, combine_mood
+
+
+class FaceExpressionModel(mlflow.pyfunc.PythonModel):
+    """Keras classifier behind an image-bytes interface (see the module docstring)."""
+
+    def __init__(self, classes: list[str], tta_flip: bool, batch_size: int = 64) -> None:
+        self.classes = list(classes)
+        self.tta_flip = tta_flip  # as evaluate scored it, so served = evaluated predictions
+        self.batch_size = batch_size
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        import keras
+
+        self.model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        self.image_size = int(self.model.input_shape[1])
+        config = context.model_config or {}
+        self.detect_faces_default = bool(config.get(DETECT_FACES, False))
+        # cfg.inference as logged (None: soundmood.inference's defaults, which equal conf/)
+        self.inference_settings = config.get(INFERENCE_SETTINGS)
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input:
+            got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else \
+                type(model_input).__name__
+            raise invalid_input(f"input needs a column {IMAGE_COLUMN!r} of encoded JPEG/PNG "
+                                f"bytes (base64 in JSON); got {got}")
+        requested = (params or {}).get(DETECT_FACES)
+        detect = self.detect_faces_default if requested is None else bool(requested)
+        cells = list(model_input[IMAGE_COLUMN])
+        if not detect:
+            faces = [self.face(encoded_bytes(v, i), i) for i, v in enumerate(cells)]
+            return self.frame(self.probabilities(np.stack(faces) if faces else None))
+        return self.predict_photos(cells)
+
+    def face(self, data: bytes, row: int) -> np.ndarray:
+        """Encoded bytes to model input exactly as training decoded its images."""
+        from soundmood.data.images import ImageError, load_face
+
+        try:
+            return load_face(data, self.image_size, name=f"image[{row}]")
+        except ImageError as exc:
+            raise invalid_input(f"{exc}; send an encoded JPEG, PNG or WebP file") from exc
+
+    def probabilities(self, faces: np.ndarray | None) -> np.ndarray:
+        if faces is None:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        chunks = []
+        for start in range(0, len(faces), self.batch_size):
+            batch = faces[start : start + self.batch_size]
+            probs = np.asarray(self.model.predict_on_batch(batch))
+            if self.tta_flip:
+                probs = (probs + np.asarray(self.model.predict_on_batch(batch[:, :, ::-1]))) / 2
+            chunks.append(probs)
+        return np.concatenate(chunks)
+
+    def frame(self, probs: np.ndarray, faces: list[int] | None = None) -> pd.DataFrame:
+        out = pd.DataFrame(probs.astype(np.float64), columns=self.classes)
+        out[LABEL_COLUMN] = [self.classes[i] for i in probs.argmax(axis=1)] if len(probs) else []
+        if faces is not None:
+            out[FACES_COLUMN] = np.asarray(faces, dtype=np.int64)
+        return out
+
+    def predict_photos(self, cells: list[object]) -> pd.DataFrame:
+        """Full photos: classify every detected face and combine them into one row per photo
+        (as `soundmood predict` does); a photo without a detected face is classified whole."""
+        from soundmood.data.images import ImageError, open_image, to_rgb
+
+        detector = face_detector()
+        if detector is None:
+            raise invalid_input(f"{DETECT_FACES}=true, but this model was logged without a face "
+                                "detector (soundmood.inference.detect_faces); send face crops "
+                                f"with {DETECT_FACES}=false")
+        detect, combine = detector
+        crops, owner, areas, counts = [], [], [], []
+        for row, value in enumerate(cells):
+            try:
+                photo = to_rgb(open_image(encoded_bytes(value, row), name=f"image[{row}]"))
+            except ImageError as exc:
+                raise invalid_input(f"{exc}; send an encoded JPEG, PNG or WebP file") from exc
+            faces = detect(photo, self.inference_settings)
+            counts.append(len(faces))
+            for face in faces or [photo]:
+                crops.append(self.face_input(face))
+                areas.append(float(getattr(face, "area", 1.0)))
+                owner.append(row)
+        probs = self.probabilities(np.stack(crops) if crops else None)
+        owner_arr, areas_arr = np.asarray(owner), np.asarray(areas)
+        weighting = (self.inference_settings or {}).get("mood", {}).get("weighting", "area")
+        rows = [combine(probs[owner_arr == row], areas_arr[owner_arr == row], weighting)
+                for row in range(len(cells))]
+        return self.frame(np.stack(rows) if rows else probs, counts)
+
+    def face_input(self, face: Any) -> np.ndarray:
+        """A detected face (soundmood.inference.Face, or any crop image/array) as model input."""
+        from soundmood.data.images import resize
+
+        if hasattr(face, "crop") and callable(face.crop) and not hasattr(face, "mode"):
+            return face.crop(self.image_size)  # Face.crop resizes as training did
+        return resize(_as_image(face), self.image_size)
+
+
+def _as_image(crop: Any) -> Any:
+    """A detector's crop (PIL image or uint8 array) as an RGB PIL image."""
+    from PIL import Image
+
+    from soundmood.data.images import to_rgb
+
+    if not isinstance(crop, Image.Image):
+        crop = Image.fromarray(np.asarray(crop, dtype=np.uint8))
+    return to_rgb(crop)
+
+
+def signature(classes: list[str]) -> mlflow.models.ModelSignature:
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("binary", IMAGE_COLUMN)])
+    outputs = Schema([*(ColSpec("double", name) for name in classes),
+                      ColSpec("string", LABEL_COLUMN),
+                      ColSpec("long", FACES_COLUMN, required=False)])
+    # None: use the model_config default (false unless the model was logged otherwise)
+    params = ParamSchema([ParamSpec(DETECT_FACES, "boolean", None)])
+    return mlflow.models.ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def pip_requirements() -> list[str]:
+    pins = []
+    for alternatives in SERVING_PACKAGES:
+        for package in alternatives:
+            try:
+                pins.append(f"{package}=={version(package)}")
+                break
+            except PackageNotFoundError:
+                continue
+    return pins
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A uint8 RGB array as PNG bytes (lossless, so load_face returns the same pixels)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_pyfunc(keras_path: Path, classes: list[str], tta_flip: bool, batch_size: int,
+               examples: np.ndarray, detect_faces: bool = False,
+               inference: dict | None = None, name: str = "model") -> mlflow.models.model.ModelInfo:
+    """Log the served model to the active run: the .keras file, this package, a signature and an
+    input example (PNG-encoded `examples`, uint8 RGB faces). `inference`: cfg.inference as a
+    plain dict, for the detect_faces option (None: soundmood.inference's defaults)."""
+    import soundmood
+
+    example = pd.DataFrame({IMAGE_COLUMN: [encode_png(x) for x in examples]})
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=FaceExpressionModel(classes, tta_flip, batch_size),
+        artifacts={KERAS_ARTIFACT: str(keras_path)},
+        code_paths=[str(Path(soundmood.__file__).parent)],
+        signature=signature(classes),
+        input_example=example,
+        model_config={DETECT_FACES: detect_faces, INFERENCE_SETTINGS: inference},
+        pip_requirements=pip_requirements(),
+    )
