@@ -1,0 +1,230 @@
+"""The model registry: the promotion gate as a pure function, then the real thing: versions of real
+logged models in a real SQLite MLflow store, aliases moved (or not) by the gate, rollback, and
+the register stage run after a real evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from soundmood import registry
+from soundmood.cli import UserError
+from soundmood.registry import CHALLENGER, CHAMPION, Facts, Tag, gate
+from tests.conftest import compose_config
+from tests.test_serving import build_tiny_model, log_in_run, tiny_config
+
+CLASSES = ("angry", "happy", "neutral", "sad", "surprised")
+RULES = OmegaConf.create({"min_improvement": 0.01, "min_class_recall": 0.5})
+
+
+def facts(version: int, macro_f1: float, recall: float | dict = 0.6, data: str = "md5-a",
+          test_images: int | None = 500) -> Facts:
+    recalls = recall if isinstance(recall, dict) else dict.fromkeys(CLASSES, recall)
+    tags = {Tag.DATA_MD5: data, "test_macro_f1": str(macro_f1), "test_accuracy": "0.7",
+            **{f"test_{c}_recall": str(v) for c, v in recalls.items()}}
+    if test_images is not None:
+        tags[Tag.TEST_IMAGES] = str(test_images)
+    return Facts.from_tags(version, tags)
+
+
+# --- the gate, a pure function ------------------------------------------------------------------
+
+
+def test_with_no_champion_the_floors_alone_decide():
+    decision = gate(facts(1, 0.30, recall=0.55), None, RULES)
+    assert decision.promote and "no champion yet" in decision.reason
+    refused = gate(facts(1, 0.90, recall={**dict.fromkeys(CLASSES, 0.9), "sad": 0.31}), None, RULES)
+    assert not refused.promote
+    assert "sad 0.3100" in refused.reason and "min_class_recall=0.5" in refused.reason
+
+
+def test_a_candidate_must_beat_the_champion_by_the_margin():
+    champion = facts(1, 0.70)
+    assert gate(facts(2, 0.72), champion, RULES).promote
+    for worse in (0.69, 0.70, 0.705):  # worse, a tie, better by less than min_improvement
+        decision = gate(facts(2, worse), champion, RULES)
+        assert not decision.promote
+        assert f"{worse:.4f} vs champion v1 0.7000" in decision.reason
+    tie_rules = OmegaConf.merge(RULES, {"min_improvement": 0.0})
+    assert not gate(facts(2, 0.70), champion, tie_rules).promote  # a tie never displaces it
+    assert gate(facts(2, 0.7001), champion, tie_rules).promote
+
+
+def test_different_test_data_is_not_compared():
+    decision = gate(facts(2, 0.99, data="md5-b"), facts(1, 0.50, data="md5-a"), RULES)
+    assert not decision.promote
+    assert "different test data (data md5-b vs md5-a)" in decision.reason
+    assert "--force" in decision.reason
+    subset = gate(facts(2, 0.99, test_images=200), facts(1, 0.5, test_images=3000), RULES)
+    assert not subset.promote and "200 vs 3000 test images" in subset.reason
+
+
+def test_every_failed_rule_is_reported_and_rules_are_extensible():
+    decision = gate(facts(2, 0.60, recall=0.2), facts(1, 0.70), RULES)
+    assert not decision.promote
+    assert "class recall below" in decision.reason and "0.6000 vs champion" in decision.reason
+
+    def robust_enough(candidate: Facts, champion: Facts | None, rules: DictConfig):
+        floor = rules.get("min_condition_accuracy")
+        if floor is None:
+            return None
+        worst = candidate.metrics.get("worst_condition_accuracy", 0.0)
+        return registry.Check(worst >= floor, f"worst condition accuracy {worst} vs {floor}")
+
+    rules = OmegaConf.merge(RULES, {"min_condition_accuracy": 0.4})
+    checks = (*registry.RULES, robust_enough)
+    assert not gate(facts(2, 0.9), facts(1, 0.7), rules, checks).promote
+    assert gate(facts(2, 0.9), facts(1, 0.7), RULES, checks).promote  # rule not configured
+
+
+def test_the_champion_is_never_its_own_candidate():
+    decision = gate(facts(3, 0.8), facts(3, 0.8), RULES)
+    assert not decision.promote and "already the champion" in decision.reason
+
+
+# --- a real registry ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cfg(mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        data_root: Path) -> DictConfig:
+    monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) go under tmp_path
+    config = tiny_config()
+    config.registry.min_improvement = 0.01
+    return config
+
+
+@pytest.fixture(scope="module")
+def keras_model():
+    return build_tiny_model()
+
+
+def add_version(cfg: DictConfig, model, macro_f1: float, recall: float = 0.6,
+                data: str = "md5-a") -> str:
+    """A real run with the served model logged as evaluate logs it, registered with these test
+    metrics (the model is the same tiny network; the gate reads only the tags)."""
+    run_id, uri = log_in_run(model, cfg)
+    metrics = {"accuracy": macro_f1 + 0.05, "macro_f1": macro_f1,
+               **{f"{c}_recall": recall for c in cfg.data.classes}}
+    tags = registry.version_tags(cfg, run_id, metrics, data, 250)
+    return str(registry.register(cfg, uri, run_id, tags).version)
+
+
+def aliases(cfg: DictConfig) -> dict[str, str]:
+    return {alias: str(version) for alias, version in
+            mlflow.MlflowClient().get_registered_model(cfg.registry.model_name).aliases.items()}
+
+
+def tags_of(cfg: DictConfig, version: str) -> dict[str, str]:
+    return mlflow.MlflowClient().get_model_version(cfg.registry.model_name, version).tags
+
+
+def test_versions_are_promoted_refused_and_rolled_back(cfg, keras_model):
+    v1 = add_version(cfg, keras_model, 0.50)
+    mv = mlflow.MlflowClient().get_model_version(cfg.registry.model_name, v1)
+    assert mv.run_id and mv.tags[Tag.RUN_ID] == mv.run_id  # linked to its run
+    assert {Tag.GIT_COMMIT, Tag.DATA_MD5, Tag.CONFIG_HASH, Tag.PROFILE, Tag.MODEL_NAME,
+            "test_macro_f1", "test_sad_recall"} <= set(mv.tags)
+    assert "Test macro-F1 0.5000" in mv.description
+    assert aliases(cfg) == {CHALLENGER: v1}
+    assert registry.promote(cfg, v1).promote
+    assert aliases(cfg) == {CHAMPION: v1}  # the challenger it was is now the champion
+    assert tags_of(cfg, v1)[Tag.PREVIOUS_CHAMPION] == ""
+
+    v2 = add_version(cfg, keras_model, 0.505)  # better by less than min_improvement 0.01
+    decision = registry.promote(cfg, v2)
+    assert not decision.promote and "0.5050 vs champion v1 0.5000" in decision.reason
+    assert aliases(cfg) == {CHAMPION: v1, CHALLENGER: v2}  # untouched
+    assert tags_of(cfg, v2)[Tag.GATE] == "refused"
+    assert Tag.PROMOTED_AT not in tags_of(cfg, v2)
+
+    v3 = add_version(cfg, keras_model, 0.60)
+    assert registry.promote(cfg, v3).promote
+    assert aliases(cfg) == {CHAMPION: v3}
+    history = tags_of(cfg, v3)
+    assert history[Tag.PREVIOUS_CHAMPION] == v1 and history[Tag.PROMOTED_AT]
+    assert "0.6000 vs champion v1 0.5000" in history[Tag.PROMOTION_REASON]
+    assert history[Tag.FORCED] == "false"
+
+    assert registry.rollback(cfg) == (v3, v1)
+    assert aliases(cfg) == {CHAMPION: v1}
+    assert tags_of(cfg, v3)[Tag.ROLLED_BACK_TO] == v1
+    with pytest.raises(UserError, match="first champion"):
+        registry.rollback(cfg)
+
+
+def test_other_test_data_is_refused_until_forced_with_a_reason(cfg, keras_model, capsys):
+    v1 = add_version(cfg, keras_model, 0.50)
+    registry.promote(cfg, v1)
+    v2 = add_version(cfg, keras_model, 0.90, data="md5-b")
+    args = argparse.Namespace(version=int(v2), force=False, reason=None)
+    assert registry.promote_cli(cfg, args) == 1
+    assert "different test data (data md5-b vs md5-a)" in capsys.readouterr().out
+    assert aliases(cfg) == {CHAMPION: v1, CHALLENGER: v2}
+
+    with pytest.raises(UserError, match="--force needs --reason"):
+        registry.promote_cli(cfg, argparse.Namespace(version=int(v2), force=True, reason=None))
+    with pytest.raises(UserError, match="no version 99"):
+        registry.promote_cli(cfg, argparse.Namespace(version=99, force=False, reason=None))
+    forced = argparse.Namespace(version=None, force=True, reason="test set relabelled")
+    assert registry.promote_cli(cfg, forced) == 0  # --version defaults to the latest
+    assert aliases(cfg) == {CHAMPION: v2}
+    tags = tags_of(cfg, v2)
+    assert tags[Tag.FORCED] == "true" and tags[Tag.GATE] == "forced"
+    assert tags[Tag.PROMOTION_REASON].startswith("forced: test set relabelled")
+
+    assert registry.models_cli(cfg, argparse.Namespace()) == 0
+    table = capsys.readouterr().out
+    assert "champion" in table and "challenger" not in table and "md5-b" in table
+
+
+def test_register_stage_after_a_real_evaluate(prepared_smoke: DictConfig, mlflow_uri: str,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """evaluate scores a real (untrained) model on the prepared test split and logs the served
+    model; register makes it version 1 / challenger and runs the gate, whose refusal (an
+    untrained model misses the recall floor) is reported, not raised."""
+    import keras
+
+    from soundmood import evaluate, tracking
+    from soundmood.models import build
+
+    monkeypatch.chdir(tmp_path)
+    cfg = prepared_smoke.copy()
+    cfg.model = compose_config(["model=seed_cnn"]).model
+    cfg.train.model_dir = str(tmp_path / "models")
+    cfg.evaluate.reports_dir = str(tmp_path / "reports")
+    reports = Path(cfg.evaluate.reports_dir)
+    reports.mkdir()
+    keras.utils.set_random_seed(cfg.seed)
+    model = build(cfg.model, cfg.data.image_size, len(cfg.data.classes))
+    Path(cfg.train.model_dir).mkdir()
+    model.save(Path(cfg.train.model_dir) / "model.keras")
+    tracking.setup(cfg)
+    with mlflow.start_run() as run:  # what train leaves for evaluate
+        mlflow.log_params({"model.name": cfg.model.name, "data.image_size": cfg.data.image_size})
+    (reports / "train_run.json").write_text(json.dumps({"mlflow_run_id": run.info.run_id}))
+
+    evaluate.run(cfg)
+    assert registry.register_cli(cfg) == 0
+    report = json.loads((reports / "registry.json").read_text())
+    assert report["name"] == "soundmood-fer" and report["version"] == 1
+    assert report["decision"] == "refused" and "min_class_recall" in report["reason"]
+    assert report["champion"] is None
+    assert aliases(cfg) == {CHALLENGER: "1"}
+    tags = tags_of(cfg, "1")
+    index = json.loads((Path(cfg.data.prepared_dir) / "index.json").read_text())
+    assert tags[Tag.DATA_MD5] == index["data_version"] != "unversioned"
+    assert tags[Tag.TEST_IMAGES] == str(json.loads((reports / "evaluation.json")
+                                                   .read_text())["test_images"])
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert float(tags["test_macro_f1"]) == metrics["macro_f1"]
+
+    assert registry.register_cli(cfg) == 0  # a re-run registers no duplicate
+    assert [str(mv.version) for mv in registry.all_versions(cfg.registry.model_name)] == ["1"]
+    served = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHALLENGER}")
+    assert served.metadata.get_input_schema().input_names() == ["image"]

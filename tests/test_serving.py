@@ -1,0 +1,290 @@
+"""The served pyfunc (soundmood.serving): a real Keras model logged by evaluate.log_model into a
+real SQLite MLflow store, loaded in-process, in a process without this repository on its path,
+and served by a real `mlflow models serve` answering HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig
+
+from soundmood import registry
+from soundmood.data.images import load_face
+from tests.conftest import DATA_ROOT, ROOT, compose_config
+
+SIZE = 32  # the smallest input that keeps the test fast; load_face resizes RAF-DB's 100 px
+SERVER_START_S = 180
+MODEL_URI = "models:/soundmood-fer@champion"
+
+
+def tiny_config() -> DictConfig:
+    return compose_config(["model=seed_cnn", f"data.image_size={SIZE}", "evaluate.batch_size=8"])
+
+
+def build_tiny_model():
+    """A real (untrained, seeded) seed_cnn at 32 px: what the pyfunc wraps is the point here,
+    not its accuracy."""
+    from soundmood.models import build
+    from soundmood.train import compile_model, configure_tensorflow
+
+    cfg = tiny_config()
+    configure_tensorflow(2, cfg.seed)  # seeds the initial weights too
+    model = build(cfg.model, SIZE, len(cfg.data.classes))
+    compile_model(model, cfg.train, len(cfg.data.classes), 1)  # as trained models are saved
+    return model
+
+
+@pytest.fixture(scope="module")
+def keras_model():
+    return build_tiny_model()
+
+
+def face_examples(n: int = 2) -> np.ndarray:
+    paths = sorted((DATA_ROOT / "test" / "happy").glob("*.jpg"))[:n]
+    return np.stack([load_face(p, SIZE) for p in paths])
+
+
+def raf_jpeg(label: str = "happy", index: int = 0) -> bytes:
+    return sorted((DATA_ROOT / "test" / label).glob("*.jpg"))[index].read_bytes()
+
+
+def log_in_run(model, cfg: DictConfig) -> tuple[str, str]:
+    """A real run holding the served model as evaluate logs it: (run id, model URI)."""
+    from soundmood import evaluate, tracking
+
+    tracking.setup(cfg)
+    with mlflow.start_run() as run:
+        uri = evaluate.log_model(model, cfg, face_examples())
+    return run.info.run_id, uri
+
+
+def champion_store(model, cfg: DictConfig) -> str:
+    """Log, register and promote one version; returns its models:/ URI."""
+    run_id, uri = log_in_run(model, cfg)
+    metrics = {"accuracy": 0.6, "macro_f1": 0.6,
+               **{f"{c}_recall": 0.6 for c in cfg.data.classes}}
+    tags = registry.version_tags(cfg, run_id, metrics, "md5-serving-test", 10)
+    mv = registry.register(cfg, uri, run_id, tags)
+    assert registry.promote(cfg, mv.version).promote
+    return uri
+
+
+@pytest.fixture
+def store(mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+          data_root: Path) -> Path:
+    monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) go under tmp_path
+    return tmp_path
+
+
+# --- in-process ---------------------------------------------------------------------------------
+
+
+def test_pyfunc_decodes_images_like_training_and_matches_the_keras_model(store, keras_model):
+    from soundmood.evaluate import predict_proba
+
+    cfg = tiny_config()
+    _, uri = log_in_run(keras_model, cfg)
+    model = mlflow.pyfunc.load_model(uri)
+    jpeg, png_face = raf_jpeg(), raf_jpeg("sad")
+    out = model.predict(pd.DataFrame({"image": [jpeg, png_face]}))
+
+    assert list(out.columns) == [*cfg.data.classes, "label"]
+    probs = out[list(cfg.data.classes)].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert set(out["label"]) <= set(cfg.data.classes)
+    faces = np.stack([load_face(jpeg, SIZE), load_face(png_face, SIZE)])
+    expected = predict_proba(keras_model, faces, batch_size=8, tta_flip=cfg.evaluate.tta_flip)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+    inputs = model.metadata.get_input_schema()
+    assert inputs.input_names() == ["image"] and inputs.input_types()[0].name == "binary"
+    assert model.metadata.flavors["python_function"]["config"]["detect_faces"] is False
+
+
+def test_pyfunc_rejects_bad_input_with_a_message_naming_the_problem(store, keras_model):
+    model = mlflow.pyfunc.load_model(log_in_run(keras_model, tiny_config())[1])
+    with pytest.raises(MlflowException) as not_image:
+        model.predict(pd.DataFrame({"image": [raf_jpeg(), b"plain text, not a picture"]}))
+    assert not_image.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert "image[1]: " in not_image.value.message
+    assert "send an encoded JPEG, PNG or WebP" in not_image.value.message
+    with pytest.raises(MlflowException) as no_column:
+        model.predict(pd.DataFrame({"photo": [raf_jpeg()]}))
+    assert no_column.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert "missing inputs ['image']" in no_column.value.message
+
+
+def test_detect_faces_option_classifies_detected_faces(store, keras_model):
+    """The full-photo hook: soundmood.inference's detector on a real face and on a blank photo
+    (no face: classified whole, faces = 0)."""
+    pytest.importorskip("soundmood.inference", reason="the face detector module is not here yet")
+    from PIL import Image
+
+    from soundmood.serving import encode_png
+
+    cfg = tiny_config()
+    model = mlflow.pyfunc.load_model(log_in_run(keras_model, cfg)[1])
+    photo = Image.new("RGB", (300, 240), (40, 90, 160))
+    face = Image.open(DATA_ROOT / "test" / "sad" / "test_0001_aligned.jpg").convert("RGB")
+    photo.paste(face.resize((160, 160)), (70, 40))  # MTCNN finds it with confidence 1.0
+    blank = encode_png(np.full((120, 120, 3), 128, np.uint8))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=95)
+    out = model.predict(pd.DataFrame({"image": [buffer.getvalue(), blank]}),
+                        params={"detect_faces": True})
+    assert list(out["faces"]) == [1, 0]
+    np.testing.assert_allclose(out[list(cfg.data.classes)].sum(axis=1), 1.0, atol=1e-5)
+    plain = model.predict(pd.DataFrame({"image": [blank]}))
+    assert "faces" not in plain.columns  # off by default
+
+
+def test_served_model_loads_without_this_repository_on_the_path(store, keras_model, tmp_path):
+    """The logged model carries the soundmood package: a fresh interpreter whose path holds no
+    /work/main/src (the editable install's entry removed) loads and runs it."""
+    uri = log_in_run(keras_model, tiny_config())[1]
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "copy")))
+    jpeg_path = tmp_path / "face.jpg"
+    jpeg_path.write_bytes(raf_jpeg())
+    src = str(ROOT / "src")
+    script = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        sys.path = [p for p in sys.path if not p.startswith({src!r})]
+        assert importlib.util.find_spec("soundmood") is None, "soundmood still importable"
+        import mlflow, pandas as pd
+        model = mlflow.pyfunc.load_model({str(local)!r})
+        out = model.predict(pd.DataFrame({{"image": [open({str(jpeg_path)!r}, "rb").read()]}}))
+        import soundmood
+        print(json.dumps({{"module": soundmood.__file__, "row": out.iloc[0].to_dict()}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["module"].startswith(str(local)), answer["module"]
+    assert answer["row"]["label"] in tiny_config().data.classes
+
+
+# --- a real scoring server ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(url: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, str]:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+class Server:
+    """`mlflow models serve` in its own process group, stopped by that group's id."""
+
+    def __init__(self, model_uri: str, cwd: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = cwd / "server.log"
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+                 "--env-manager", "local", "-p", str(self.port), "-h", "127.0.0.1"],
+                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, limit_s: float) -> None:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if http(f"{self.url}/ping", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(1)
+        pytest.fail(f"server not ready in {limit_s}s:\n{self.log.read_text()[-3000:]}")
+
+    def invoke(self, payload: dict) -> tuple[int, str]:
+        return http(f"{self.url}/invocations", payload)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_champion_is_served_over_http_and_bad_input_gets_a_400(store, keras_model, mlflow_uri):
+    cfg = tiny_config()
+    champion_store(keras_model, cfg)
+    server = Server(MODEL_URI, store)
+    try:
+        server.wait_ready(SERVER_START_S)
+        status, body = server.invoke({"dataframe_records": [{"image": b64(raf_jpeg())}]})
+        assert status == 200, body
+        row = json.loads(body)["predictions"][0]
+        assert sum(row[c] for c in cfg.data.classes) == pytest.approx(1.0, abs=1e-5)
+        assert row["label"] in cfg.data.classes
+
+        split = {"dataframe_split": {"columns": ["image"],
+                                     "data": [[b64(raf_jpeg())], [b64(raf_jpeg("angry"))]]}}
+        status, body = server.invoke(split)
+        assert status == 200 and len(json.loads(body)["predictions"]) == 2, body
+
+        status, body = server.invoke({"dataframe_records": [{"image": b64(b"%PDF-1.4 no")}]})
+        assert status == 400, body
+        message = json.loads(body)["message"]  # names the row, says what to send
+        assert "image[0]: " in message and "send an encoded JPEG, PNG or WebP" in message
+
+        status, body = server.invoke({"dataframe_records": [{"photo": b64(raf_jpeg())}]})
+        assert status == 400, body
+        assert "missing inputs ['image']" in json.loads(body)["message"]
+
+        status, body = server.invoke({"dataframe_records": [{"image": "not base64!"}]})
+        assert status == 400, body
+        assert "column image" in json.loads(body)["message"]
+
+        assert http(f"{server.url}/ping")[0] == 200  # still alive after the bad requests
+        latencies = []
+        payload = {"dataframe_records": [{"image": b64(raf_jpeg())}]}
+        for _ in range(20):
+            start = time.perf_counter()
+            assert server.invoke(payload)[0] == 200
+            latencies.append(time.perf_counter() - start)
+        print(f"served p50 latency at batch 1: {1000 * float(np.median(latencies)):.1f} ms")
+    finally:
+        server.stop()
