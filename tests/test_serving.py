@@ -98,18 +98,20 @@ def store(mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 def test_pyfunc_decodes_images_like_training_and_matches_the_keras_model(store, keras_model):
     from soundmood.evaluate import predict_proba
+    from soundmood.serving import encode_png
 
     cfg = tiny_config()
     _, uri = log_in_run(keras_model, cfg)
     model = mlflow.pyfunc.load_model(uri)
-    jpeg, png_face = raf_jpeg(), raf_jpeg("sad")
-    out = model.predict(pd.DataFrame({"image": [jpeg, png_face]}))
+    jpeg = raf_jpeg()
+    png = encode_png(load_face(raf_jpeg("sad"), 100))  # a PNG (lossless copy of a RAF-DB face)
+    out = model.predict(pd.DataFrame({"image": [jpeg, png]}))
 
     assert list(out.columns) == [*cfg.data.classes, "label"]
     probs = out[list(cfg.data.classes)].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert set(out["label"]) <= set(cfg.data.classes)
-    faces = np.stack([load_face(jpeg, SIZE), load_face(png_face, SIZE)])
+    faces = np.stack([load_face(jpeg, SIZE), load_face(png, SIZE)])
     expected = predict_proba(keras_model, faces, batch_size=8, tta_flip=cfg.evaluate.tta_flip)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
