@@ -228,3 +228,10 @@ def test_register_stage_after_a_real_evaluate(prepared_smoke: DictConfig, mlflow
     assert [str(mv.version) for mv in registry.all_versions(cfg.registry.model_name)] == ["1"]
     served = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHALLENGER}")
     assert served.metadata.get_input_schema().input_names() == ["image"]
+
+    override = argparse.Namespace(version=1, force=True, reason="smoke model, for the demo")
+    assert registry.promote_cli(cfg, override) == 0
+    assert registry.register_cli(cfg) == 0
+    report = json.loads((reports / "registry.json").read_text())
+    assert (report["decision"], report["champion"]) == ("champion", 1)
+    assert aliases(cfg) == {CHAMPION: "1"}

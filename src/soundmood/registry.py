@@ -396,7 +396,8 @@ def _read_json(path: Path, produced_by: str) -> dict:
 
 def register_cli(cfg: DictConfig) -> int:
     """The `register` stage: register the evaluated model, then (registry.auto_promote) gate it.
-    A refusal is an outcome, not a failure: the stage exits 0 and says why."""
+    A refusal is an outcome, not a failure: the stage exits 0 and says why. reports/registry.json
+    records decision: promoted | refused | pending (auto_promote off) | champion (already)."""
     from soundmood import tracking
 
     reports = Path(cfg.evaluate.reports_dir)
@@ -407,7 +408,10 @@ def register_cli(cfg: DictConfig) -> int:
     tags = version_tags(cfg, run_id, metrics, tested_data_version(cfg),
                         evaluation.get("test_images"))
     mv = register(cfg, evaluation["model_uri"], run_id, tags)
-    if cfg.registry.auto_promote:
+    current = alias_version(cfg.registry.model_name, CHAMPION)
+    if current is not None and str(current.version) == str(mv.version):  # a re-run
+        decision, outcome = Decision(False, f"version {mv.version} is the champion"), "champion"
+    elif cfg.registry.auto_promote:
         decision = promote(cfg, mv.version)
         outcome = "promoted" if decision.promote else "refused"
     else:
