@@ -1,5 +1,10 @@
 """Decode and resize face images. Training, evaluation and serving share these functions,
-so a face is turned into model input the same way everywhere."""
+so a face is turned into model input the same way everywhere.
+
+Every image is untrusted input: the header's declared size is checked before any pixel is decoded
+(decompression bombs are refused unread), and whatever goes wrong while decoding becomes an
+ImageError naming the file.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-# Bounded so that a decompression bomb is refused rather than decoded.
+# Ceiling for every caller (serving included); data checks pass data.limits.max_image_pixels.
 MAX_PIXELS = 40_000_000
 
 
@@ -20,20 +25,36 @@ class ImageError(ValueError):
 
 def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
     """Open and fully decode an image file or encoded bytes, honouring EXIF orientation."""
+    return open_bounded(source, MAX_PIXELS, name)
+
+
+def open_bounded(
+    source: str | Path | bytes, max_pixels: int, name: str | None = None
+) -> Image.Image:
+    """open_image with an explicit bound on the pixel count the header may declare."""
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with Image.open(stream) as img:
-            if img.width * img.height > MAX_PIXELS:
+            if img.width * img.height > max_pixels:
                 raise ImageError(
-                    f"{label}: {img.width}x{img.height} exceeds the {MAX_PIXELS} pixel limit"
+                    f"{label}: declares {img.width}x{img.height} pixels, over the limit of "
+                    f"{max_pixels} (refused without decoding)"
                 )
             img.load()
             return ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{label}: not a decodable image ({exc})") from exc
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:  # PIL's own, larger bound, hit while opening
+        raise ImageError(f"{label}: declared size makes it a decompression bomb; refused ({exc})"
+                         ) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{label}: not a decodable image (no known image format)") from exc
     except OSError as exc:  # truncated or corrupt data
         raise ImageError(f"{label}: corrupt or truncated image ({exc})") from exc
+    except (ValueError, SyntaxError, EOFError, IndexError, TypeError, ZeroDivisionError) as exc:
+        # Malformed headers surface from PIL's format plugins as assorted exception types.
+        raise ImageError(f"{label}: malformed image ({type(exc).__name__}: {exc})") from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
