@@ -8,6 +8,7 @@ is never read here.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import resource
@@ -23,11 +24,12 @@ import tensorflow as tf
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from soundmood import tracking
+from soundmood import robustness, tracking
 from soundmood.data.prepare import load_index, load_split
 from soundmood.models import backbone_of, build, set_backbone_trainable
 
-WORK_DIR = Path(".work")
+# Training checkpoints, one folder per config and data version (tests point it elsewhere).
+WORK_DIR = Path(os.environ.get("SOUNDMOOD_WORK_DIR", ".work"))
 MODEL_FILE = "model.keras"
 
 
@@ -58,6 +60,7 @@ def augmentation(aug: DictConfig, seed: int) -> keras.Sequential:
         steps.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=seed))
     if aug.brightness:
         steps.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=seed))
+    steps += robustness.augmentation_layers(aug, seed)  # greyscale, low-res, JPEG, gamma
     return keras.Sequential(steps, name="augment")
 
 
@@ -153,61 +156,295 @@ def fit(
     csv_log: Path | None = None,
     verbose: int = 2,
 ) -> FitResult:
-    """Build and train the configured model; returns it with the best validation epoch's weights."""
+    """Build and train the configured model; returns it with the best validation epoch's weights.
+
+    Epochs run one model.fit call at a time. Each epoch's data order and augmentation are seeded
+    by (seed, epoch), and after each epoch the whole training state (weights, optimizer slots,
+    dropout RNG, history, best epoch, early-stopping count) is checkpointed in `work_dir`, so a
+    killed run called again with the same config and data resumes after its last finished epoch
+    (a finished warm-up is not redone). With train.deterministic the resumed run is bit-identical
+    to an uninterrupted one; without it, as close as two uninterrupted runs are to each other.
+    """
     t, m = cfg.train, cfg.model
     n_classes, epochs = len(cfg.data.classes), epochs or t.epochs
     configure_tensorflow(t.threads, cfg.seed)
+    if t.get("deterministic", False):
+        tf.config.experimental.enable_op_determinism()
     model = build(m, cfg.data.image_size, n_classes)
-    train_ds = make_dataset(*train, n_classes, t.batch_size, augmentation(t.augment, cfg.seed),
-                            cfg.seed)
-    val_ds = make_dataset(*val, n_classes, t.batch_size)
-    steps = int(np.ceil(len(train[0]) / t.batch_size))
-    work_dir.mkdir(parents=True, exist_ok=True)
-    best_path = work_dir / "best.weights.h5"
-    mode = monitor_mode(t.monitor)
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        best_path, monitor=t.monitor, mode=mode, save_best_only=True, save_weights_only=True)
-    callbacks = [LearningRateLogger(), checkpoint, keras.callbacks.TerminateOnNaN(),
-                 MlflowEpochLogger()]
-    if csv_log:
-        csv_log.parent.mkdir(parents=True, exist_ok=True)
-        csv_log.unlink(missing_ok=True)
-        callbacks.append(keras.callbacks.CSVLogger(csv_log, append=True))
-    callbacks += extra_callbacks or []
-    weights = class_weights(train[1], n_classes, t.class_weight)
-    history: list[dict[str, float]] = []
-    start = time.perf_counter()
-
     warmup = min(t.warmup_epochs, epochs - 1) if backbone_of(model) is not None else 0
-    if warmup > 0:
-        set_backbone_trainable(model, False)
-        compile_model(model, OmegaConf.merge(t, {"schedule": "constant"}), n_classes, steps)
-        h = model.fit(train_ds, validation_data=val_ds, epochs=warmup, class_weight=weights,
-                      callbacks=callbacks, verbose=verbose)
-        history += _rows(h)
-    if not getattr(model, "stop_training", False):  # set only once fit() ran
-        set_backbone_trainable(model, True, m.get("frozen_layers", 0))
-        compile_model(model, t, n_classes, steps * (epochs - warmup))
-        stopper = keras.callbacks.EarlyStopping(
-            monitor=t.monitor, mode=mode, patience=t.early_stopping_patience)
-        resume = keras.callbacks.BackupAndRestore(work_dir / "backup")
-        h = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=warmup,
-                      class_weight=weights, callbacks=[*callbacks, stopper, resume],
-                      verbose=verbose)
-        history += _rows(h)
-    seconds = time.perf_counter() - start
-    if best_path.exists():
-        model.load_weights(best_path)
-    values = [row.get(t.monitor, float("nan")) for row in history]
-    best = int(np.nanargmax(values) if mode == "max" else np.nanargmin(values)) if history else -1
-    return FitResult(model, history, best, values[best] if history else float("nan"), seconds,
+    steps = int(np.ceil(len(train[0]) / t.batch_size))
+    mode = monitor_mode(t.monitor)
+    store = TrainingCheckpoint(work_dir)
+    progress = store.resume(training_fingerprint(cfg, train, val, epochs), model, epochs, warmup)
+    val_ds = make_dataset(*val, n_classes, t.batch_size)
+    weights = class_weights(train[1], n_classes, t.class_weight)
+    relay = EpochRelay([LearningRateLogger(), keras.callbacks.TerminateOnNaN(),
+                        MlflowEpochLogger(), *(extra_callbacks or [])])
+    relay.set_model(model)
+    relay.inner.on_train_begin()
+    phase = ""
+    for epoch in range(progress.next_epoch, epochs):
+        if progress.stopped:
+            break
+        if _phase(epoch, warmup) != phase:
+            phase = _phase(epoch, warmup)
+            _enter_phase(model, cfg, phase, n_classes, steps, epochs - warmup)
+            store.restore_optimizer(model, phase)
+        start = time.perf_counter()
+        epoch_seed = cfg.seed * 1000 + epoch
+        train_ds = make_dataset(*train, n_classes, t.batch_size,
+                                augmentation(t.augment, epoch_seed), epoch_seed)
+        model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
+                  class_weight=weights, callbacks=[relay], shuffle=False,  # shuffled above
+                  verbose=1 if verbose == 1 else 0)
+        progress.record(epoch, relay.logs, t.monitor, mode, time.perf_counter() - start,
+                        patience=t.early_stopping_patience if epoch >= warmup else None)
+        progress.stopped = progress.stopped or bool(getattr(model, "stop_training", False))
+        store.save(progress, model, phase)
+        if csv_log:
+            write_curves(csv_log, progress.history)
+        if verbose:
+            print(f"epoch {epoch + 1}/{epochs} ({phase}) {time.perf_counter() - start:.0f}s "
+                  + " ".join(f"{k}={v:.4f}" for k, v in sorted(relay.logs.items())), flush=True)
+    relay.inner.on_train_end()
+    store.load_best(model, progress)
+    history = progress.history
+    best_value = history[progress.best_epoch].get(t.monitor, float("nan")) \
+        if progress.best_epoch >= 0 else float("nan")
+    return FitResult(model, history, progress.best_epoch, best_value, progress.seconds,
                      len(train[0]) * len(history))
 
 
-def _rows(history: keras.callbacks.History) -> list[dict[str, float]]:
-    keys = list(history.history)
-    n = len(history.history[keys[0]]) if keys else 0
-    return [{k: float(history.history[k][i]) for k in keys} for i in range(n)]
+WARMUP, FINETUNE = "warm-up", "fine-tune"
+
+
+def _phase(epoch: int, warmup: int) -> str:
+    return WARMUP if epoch < warmup else FINETUNE
+
+
+def _enter_phase(model: keras.Model, cfg: DictConfig, phase: str, n_classes: int, steps: int,
+                 finetune_epochs: int) -> None:
+    """Freeze or unfreeze the backbone and compile a fresh optimizer for the phase."""
+    t = cfg.train
+    if phase == WARMUP:
+        set_backbone_trainable(model, False)
+        compile_model(model, OmegaConf.merge(t, {"schedule": "constant"}), n_classes, steps)
+    else:
+        set_backbone_trainable(model, True, cfg.model.get("frozen_layers", 0))
+        compile_model(model, t, n_classes, steps * finetune_epochs)
+
+
+class EpochRelay(keras.callbacks.Callback):
+    """Passes each per-epoch model.fit call's events on to callbacks that live for the whole
+    training: they see on_train_begin/end once, and their state survives between epochs."""
+
+    def __init__(self, callbacks: list[keras.callbacks.Callback]) -> None:
+        super().__init__()
+        self.inner = keras.callbacks.CallbackList(callbacks)
+        self.logs: dict[str, float] = {}
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        self.inner.set_model(model)
+
+    def set_params(self, params: dict) -> None:
+        super().set_params(params)
+        self.inner.set_params(params)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.inner.on_epoch_begin(epoch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        self.inner.on_epoch_end(epoch, logs)
+        self.logs = {k: float(v) for k, v in logs.items()}
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self.inner.on_train_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.inner.on_train_batch_end(batch, logs)
+
+
+def write_curves(path: Path, history: list[dict[str, float]]) -> None:
+    """The per-epoch CSV (as keras.callbacks.CSVLogger writes it), rewritten whole each epoch so a
+    resumed run keeps the rows of the epochs it did not redo."""
+    keys = sorted({k for row in history for k in row})
+    lines = [",".join(["epoch", *keys])]
+    lines += [",".join([str(i), *(repr(row.get(k, float("nan"))) for k in keys)])
+              for i, row in enumerate(history)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, ("\n".join(lines) + "\n").encode())
+
+
+def training_fingerprint(cfg: DictConfig, train: tuple[np.ndarray, np.ndarray],
+                         val: tuple[np.ndarray, np.ndarray], epochs: int) -> str:
+    """What a checkpoint must have been made with to be resumed: the config, the epoch budget
+    and the exact training and validation arrays."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{config_digest(cfg)} {epochs}".encode())
+    for array in (*train, *val):
+        digest.update(f"{array.shape} {array.dtype}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+@dataclass
+class Progress:
+    """Everything besides the variables that a resumed run needs; saved after every epoch."""
+
+    fingerprint: str
+    next_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_value: float | None = None
+    patience_best: float | None = None  # early stopping watches the fine-tune epochs only
+    patience_wait: int = 0
+    stopped: bool = False
+    seconds: float = 0.0
+    improved: bool = False  # whether the epoch just recorded is the new best (not saved)
+
+    def record(self, epoch: int, logs: dict[str, float], monitor: str, mode: str, seconds: float,
+               patience: int | None) -> None:
+        """Add an epoch; keep the best one and the early-stopping count as Keras's
+        ModelCheckpoint(save_best_only) and EarlyStopping would."""
+        value = logs.get(monitor, float("nan"))
+        self.history.append(dict(logs))
+        self.next_epoch, self.seconds = epoch + 1, self.seconds + seconds
+        self.improved = _better(value, self.best_value, mode)
+        if self.improved:
+            self.best_epoch, self.best_value = epoch, value
+        if patience is None:
+            return
+        if _better(value, self.patience_best, mode):
+            self.patience_best, self.patience_wait = value, 0
+        else:
+            self.patience_wait += 1
+            self.stopped = self.patience_wait >= patience and epoch > 0
+
+    def to_json(self) -> str:
+        state = {k: v for k, v in self.__dict__.items() if k != "improved"}
+        return json.dumps({"format": CHECKPOINT_FORMAT, **state}, indent=1)
+
+
+def _better(value: float, reference: float | None, mode: str) -> bool:
+    if value != value:  # NaN never improves
+        return False
+    return reference is None or (value > reference if mode == "max" else value < reference)
+
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingCheckpoint:
+    """<work_dir>/progress.json names the state of the last finished epoch (epoch-N.npz) and the
+    best one (best-N.npz); it is replaced last and atomically, so a kill at any moment leaves a
+    consistent checkpoint. Files it does not name are leftovers, removed on the next save."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.dir = work_dir
+        self.index = work_dir / "progress.json"
+        self.optimizer_state: tuple[str, list[np.ndarray]] | None = None
+
+    def resume(self, fingerprint: str, model: keras.Model, epochs: int,
+               warmup: int) -> Progress:
+        """The saved progress with the model's variables restored, or a fresh start (and why)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.index.exists():
+            return Progress(fingerprint)
+        try:
+            saved = json.loads(self.index.read_text())
+            if saved.pop("format", None) != CHECKPOINT_FORMAT:
+                raise ValueError("it was written by another version of train.py")
+            progress = Progress(**saved)
+            if progress.fingerprint != fingerprint:
+                raise ValueError("it was made with another config, epoch budget or data")
+            arrays = _load_arrays(self.dir / f"epoch-{progress.next_epoch - 1}.npz")
+            _assign(model.variables, arrays["model"], "model")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"train: not resuming from the checkpoint in {self.dir} ({exc}); "
+                  "starting again from epoch 1", flush=True)
+            return Progress(fingerprint)
+        self.optimizer_state = (arrays["phase"], arrays["optimizer"])
+        if progress.stopped or progress.next_epoch >= epochs:
+            print(f"train: the checkpoint in {self.dir} holds a finished run "
+                  f"({progress.next_epoch} epochs); reusing it", flush=True)
+        else:
+            skipped = " (warm-up already done)" if 0 < warmup <= progress.next_epoch else ""
+            print(f"train: resuming from epoch {progress.next_epoch + 1}/{epochs}{skipped} with "
+                  f"the checkpoint in {self.dir}", flush=True)
+        _log_restored(progress.history)
+        return progress
+
+    def restore_optimizer(self, model: keras.Model, phase: str) -> None:
+        """Restore the optimizer's slots when resuming inside the phase that saved them (a phase
+        that starts at the resumed epoch begins with a fresh optimizer, as it would have)."""
+        if self.optimizer_state is None:
+            return
+        saved_phase, arrays = self.optimizer_state
+        self.optimizer_state = None
+        if saved_phase == phase:
+            model.optimizer.build(model.trainable_variables)
+            _assign(model.optimizer.variables, arrays, "optimizer")
+
+    def save(self, progress: Progress, model: keras.Model, phase: str) -> None:
+        epoch = progress.next_epoch - 1
+        state = [v.numpy() for v in model.variables]
+        _save_arrays(self.dir / f"epoch-{epoch}.npz", state,
+                     [v.numpy() for v in model.optimizer.variables], phase)
+        if progress.improved:
+            _save_arrays(self.dir / f"best-{epoch}.npz", state, [], phase)
+        _write_atomically(self.index, progress.to_json().encode())
+        keep = {f"epoch-{epoch}.npz", f"best-{progress.best_epoch}.npz"}
+        for leftover in self.dir.glob("*.npz"):
+            if leftover.name not in keep:
+                leftover.unlink(missing_ok=True)
+
+    def load_best(self, model: keras.Model, progress: Progress) -> None:
+        best = self.dir / f"best-{progress.best_epoch}.npz"
+        if progress.best_epoch >= 0 and best.exists():
+            _assign(model.variables, _load_arrays(best)["model"], "model")
+
+
+def _save_arrays(path: Path, model_arrays: list[np.ndarray], optimizer: list[np.ndarray],
+                 phase: str) -> None:
+    named = {f"model_{i:04d}": a for i, a in enumerate(model_arrays)}
+    named.update({f"optimizer_{i:04d}": a for i, a in enumerate(optimizer)})
+    buffer = io.BytesIO()
+    np.savez(buffer, phase=np.array(phase), **named)
+    _write_atomically(path, buffer.getvalue())
+
+
+def _load_arrays(path: Path) -> dict:
+    with np.load(path) as npz:
+        names = sorted(npz.files)
+        return {"phase": str(npz["phase"]),
+                "model": [npz[n] for n in names if n.startswith("model_")],
+                "optimizer": [npz[n] for n in names if n.startswith("optimizer_")]}
+
+
+def _assign(variables: list, arrays: list[np.ndarray], what: str) -> None:
+    if len(variables) != len(arrays) or any(
+            tuple(v.shape) != a.shape for v, a in zip(variables, arrays, strict=True)):
+        raise ValueError(f"its {what} variables do not match this model's")
+    for variable, array in zip(variables, arrays, strict=True):
+        variable.assign(array)
+
+
+def _log_restored(history: list[dict[str, float]]) -> None:
+    """A resumed train stage opens a new MLflow run: give it the epochs it does not redo."""
+    if mlflow.active_run():
+        for epoch, row in enumerate(history):
+            mlflow.log_metrics(row, step=epoch)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    with open(partial, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
 
 
 def apply_tuned(cfg: DictConfig) -> tuple[DictConfig, dict[str, object]]:
@@ -228,11 +465,18 @@ def config_digest(cfg: DictConfig) -> str:
 
 
 def save_model_atomically(model: keras.Model, target: Path) -> None:
-    """Write to a temporary file and rename, so a killed run never leaves half a model."""
+    """Write to a temporary file beside the target, flush it to disk and rename it over the
+    target, so a killed run leaves the previous model or the new one, never half of one. The
+    rename also replaces a link into DVC's cache instead of writing through it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".partial-{os.getpid()}-{target.name}")
-    model.save(partial)
-    os.replace(partial, target)
+    try:
+        model.save(partial)
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def run(cfg: DictConfig) -> FitResult:
