@@ -21,7 +21,7 @@ from sklearn.metrics import (
     f1_score,
 )
 
-from soundmood import tracking
+from soundmood import robustness, tracking
 from soundmood.data.prepare import load_split
 from soundmood.train import MODEL_FILE
 
@@ -102,12 +102,16 @@ def run(cfg: DictConfig) -> dict:
     """The `evaluate` stage."""
     classes = list(cfg.data.classes)
     reports = Path(cfg.evaluate.reports_dir)
+    robustness.check_config(cfg)  # a bad condition fails before the model is even loaded
     model = keras.models.load_model(Path(cfg.train.model_dir) / MODEL_FILE)
     x, y = load_split(cfg.data.prepared_dir, "test")
     probs = predict_proba(model, x, cfg.evaluate.batch_size, cfg.evaluate.tta_flip)
     y_pred = probs.argmax(axis=1)
     metrics, report = score(y, y_pred, classes)
     paths = write_reports(reports, metrics, report, y, y_pred, classes)
+    # The capture conditions are variants of the same test images, read in this same single pass.
+    robust = robustness.evaluate_conditions(model, x, y, cfg, clean_pred=y_pred)
+    robust_paths = robustness.write_reports(robust, reports)
 
     tracking.setup(cfg)
     run_id = json.loads((reports / "train_run.json").read_text())["mlflow_run_id"]
@@ -116,6 +120,7 @@ def run(cfg: DictConfig) -> dict:
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         for path in paths:
             mlflow.log_artifact(str(path), artifact_path="evaluation")
+        robustness.log_to_mlflow(robust, robust_paths)
         curves = reports / "plots" / "training_curves.csv"
         if curves.exists():
             mlflow.log_artifact(str(curves), artifact_path="evaluation")
@@ -125,4 +130,8 @@ def run(cfg: DictConfig) -> dict:
         indent=2) + "\n")
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"on {len(y)} images; model {model_uri}")
+    if robust["conditions"]:
+        print(f"evaluate: worst capture condition {robust['worst_condition']} accuracy "
+              f"{robust['worst_accuracy']:.4f}, mean drop {robust['mean_drop']:.4f} over "
+              f"{len(robust['conditions'])} conditions")
     return metrics

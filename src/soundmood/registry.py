@@ -31,6 +31,7 @@ from soundmood.cli import UserError
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 METRIC_PREFIX = "test_"  # version tags test_<metric> hold reports/metrics.json
+ROBUST_PREFIX = "robust_"  # version tags robust_<condition>_<stat> hold reports/robustness.json
 KEY_METRIC = "macro_f1"
 RECALL_SUFFIX = "_recall"
 REGISTRY_REPORT = "registry.json"
@@ -158,9 +159,26 @@ def beats_champion(candidate: Facts, champion: Facts | None, rules: DictConfig) 
     return Check(delta > 0 and delta >= needed, summary)
 
 
-# Evaluated in order, all of them, so a refusal lists every failed rule. A new rule (e.g. the
-# robustness floor registry.min_condition_accuracy) is one more function of this shape here.
-RULES: tuple[Rule, ...] = (class_recall_floor, same_test_data, beats_champion)
+def condition_floor(candidate: Facts, champion: Facts | None, rules: DictConfig) -> Check | None:
+    """Every capture condition's test accuracy >= registry.min_condition_accuracy (0: off)."""
+    from soundmood.robustness import condition_accuracies, condition_floor_failure
+
+    floor = float(rules.get("min_condition_accuracy") or 0.0)
+    if floor <= 0:
+        return None
+    robust = {k: v for k, v in candidate.tags.items() if k.startswith(ROBUST_PREFIX)}
+    failure = condition_floor_failure(robust, floor)
+    if failure:
+        return Check(False, failure)
+    accuracies = condition_accuracies(robust)
+    worst = min(accuracies, key=accuracies.get)
+    return Check(True, f"every capture condition >= registry.min_condition_accuracy={floor} "
+                       f"(worst: {worst} {accuracies[worst]:.4f})")
+
+
+# Evaluated in order, all of them, so a refusal lists every failed rule. A new rule is one more
+# function of this shape here.
+RULES: tuple[Rule, ...] = (class_recall_floor, condition_floor, same_test_data, beats_champion)
 
 
 def gate(candidate: Facts, champion: Facts | None, rules: DictConfig,
@@ -356,7 +374,8 @@ def config_hash(run_id: str) -> str:
 
 
 def version_tags(cfg: DictConfig, run_id: str, metrics: dict[str, float], data_md5: str,
-                 test_images: int | None = None) -> dict[str, str]:
+                 test_images: int | None = None,
+                 robust: dict[str, float] | None = None) -> dict[str, str]:
     from soundmood import tracking
 
     git = tracking.git_state()
@@ -372,6 +391,7 @@ def version_tags(cfg: DictConfig, run_id: str, metrics: dict[str, float], data_m
     if test_images is not None:
         tags[Tag.TEST_IMAGES] = str(test_images)
     tags.update({f"{METRIC_PREFIX}{k}": str(v) for k, v in metrics.items()})
+    tags.update({k: str(v) for k, v in (robust or {}).items()})
     return tags
 
 
@@ -394,6 +414,18 @@ def _read_json(path: Path, produced_by: str) -> dict:
     return json.loads(path.read_text())
 
 
+def robust_tags(reports: Path) -> dict[str, float]:
+    """robust_<condition>_{accuracy,macro_f1,min_recall} from reports/robustness.json, if any."""
+    from soundmood.robustness import REPORT_FILE, mlflow_metrics
+
+    path = reports / REPORT_FILE
+    if not path.exists():
+        return {}
+    metrics = mlflow_metrics({"seconds": 0.0, **json.loads(path.read_text())}, ROBUST_PREFIX)
+    metrics.pop(f"{ROBUST_PREFIX}seconds")
+    return metrics
+
+
 def register_cli(cfg: DictConfig) -> int:
     """The `register` stage: register the evaluated model, then (registry.auto_promote) gate it.
     A refusal is an outcome, not a failure: the stage exits 0 and says why. reports/registry.json
@@ -406,7 +438,7 @@ def register_cli(cfg: DictConfig) -> int:
     tracking.setup(cfg)
     run_id = evaluation["mlflow_run_id"]
     tags = version_tags(cfg, run_id, metrics, tested_data_version(cfg),
-                        evaluation.get("test_images"))
+                        evaluation.get("test_images"), robust_tags(reports))
     mv = register(cfg, evaluation["model_uri"], run_id, tags)
     current = alias_version(cfg.registry.model_name, CHAMPION)
     if current is not None and str(current.version) == str(mv.version):  # a re-run
