@@ -85,10 +85,14 @@ class Item:
 
 
 class Source:
-    """Regular files of a folder or zip. Symlinks are listed apart and never read."""
+    """Regular files of a folder or zip. Symlinks are listed apart and never read. macOS Finder
+    litter (`__MACOSX/`, `._*` resource forks, `.DS_Store`) is left out of both: a zip made on a
+    Mac would otherwise look like a second, broken copy of the release."""
 
     def __init__(self, where: str, files: dict[str, int], links: set[str]) -> None:
-        self.where, self.files, self.links = where, files, links
+        self.where = where
+        self.files = {e: n for e, n in files.items() if not is_finder_litter(e)}
+        self.links = {e for e in links if not is_finder_litter(e)}
 
     def read(self, entry: str, limit: int) -> bytes:
         """At most limit + 1 bytes of the entry (one more than allowed tells it is too big)."""
@@ -170,6 +174,12 @@ class ZipSource(Source):
         self.zip.close()
 
 
+def is_finder_litter(entry: str) -> bool:
+    parts = PurePosixPath(entry).parts
+    return "__MACOSX" in parts or (bool(parts) and (parts[-1].startswith("._")
+                                                    or parts[-1] == ".DS_Store"))
+
+
 def is_safe_entry(name: str) -> bool:
     """False for zip entries that would escape the extraction folder."""
     posix = name.replace("\\", "/")
@@ -229,7 +239,7 @@ def official_items(source: Source, label_file: str, limits: Limits) -> tuple[lis
 def kaggle_items(source: Source, limits: Limits) -> tuple[list[Item], list[str]]:
     found: dict[str, dict[str, tuple[int, str]]] = {s: {} for s in SPLITS}
     prefixes = set()
-    for entry in sorted(source.files):
+    for entry in sorted({*source.files, *source.links}):  # a symlink is named, not skipped
         match = KAGGLE_IMAGE.match(entry)
         if match:
             prefixes.add(match["prefix"])
@@ -294,7 +304,7 @@ def detect(source: Source, limits: Limits) -> tuple[str, list[Item], list[str]]:
     label_file = find_official(source)
     if label_file:
         return ("official RAF-DB basic", *official_items(source, label_file, limits))
-    if any(KAGGLE_IMAGE.match(e) for e in source.files):
+    if any(KAGGLE_IMAGE.match(e) for e in (*source.files, *source.links)):
         return ("Kaggle copy", *kaggle_items(source, limits))
     raise ArchiveError(
         f"{source.where}: no RAF-DB layout found: expected EmoLabel/{OFFICIAL_LABEL_FILE} with "

@@ -3,7 +3,7 @@
 Errors fail the stage (exit 2) with one line per offending file or folder, all of them at once:
 a missing split or class folder, an unknown class folder, an empty class, a stray file or folder,
 a file that is not an image or does not decode (truncated, corrupt, declaring more pixels than
-data.limits.max_image_pixels), an image that is not source_size x source_size RGB (unless
+data.limits.max_image_pixels, larger than data.limits.max_file_bytes), an image that is not source_size x source_size RGB (unless
 data.on_bad_format is `convert`), and the same bytes in train and test (leakage).
 Reported in reports/data_validation.json without failing: byte-identical files inside one split,
 train/test pairs whose 256-bit difference hashes differ in at most data.near_duplicate_bits bits,
@@ -45,13 +45,14 @@ class Rules:
     convert_min_side: int = 24
     near_duplicate_bits: int = 24
     max_image_pixels: int = 4_000_000
+    max_file_bytes: int = 16 << 20
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Rules:
         data = cfg.data
         return cls(tuple(data.classes), int(data.source_size), str(data.on_bad_format),
                    int(data.convert_min_side), int(data.near_duplicate_bits),
-                   int(data.limits.max_image_pixels))
+                   int(data.limits.max_image_pixels), int(data.limits.max_file_bytes))
 
 
 @dataclass
@@ -100,6 +101,11 @@ def _folder_problems(root: Path, classes: tuple[str, ...]) -> list[str]:
 def _check_image(path: Path, split: str, root: Path, rules: Rules, found: Findings) -> None:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         found.problems.append(f"{path}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+        return
+    size = path.stat().st_size
+    if size > rules.max_file_bytes:  # never read a huge file whole
+        found.problems.append(f"{path}: {size} bytes, over data.limits.max_file_bytes "
+                              f"({rules.max_file_bytes})")
         return
     data = path.read_bytes()
     try:
