@@ -2,7 +2,7 @@
 
 Use it from a test module with::
 
-    from tests.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures)
+    pytest_plugins = ["tests.postgres"]  # fixtures postgres_server, postgres_url
 
 `postgres_server` (session scope) runs `initdb` into a fresh temporary directory (trust
 authentication, superuser `soundmood`), starts it with `pg_ctl` listening on 127.0.0.1 only
