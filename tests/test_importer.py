@@ -45,12 +45,12 @@ def official_tree(base: Path, data_root: Path) -> Path:
     (root / "Image" / "aligned").mkdir(parents=True)
     (root / "EmoLabel").mkdir()
     lines = []
-    for (split, klass), paths in _real_images(data_root).items():
+    for (_, klass), paths in _real_images(data_root).items():
         for path in paths:
             stem = path.name.removesuffix("_aligned.jpg")
             lines.append(f"{stem}.jpg {LABEL_OF[klass]}")
             shutil.copy(path, root / "Image" / "aligned" / path.name)
-    for split, stem, label, path in _dropped_extras(data_root):
+    for _, stem, label, path in _dropped_extras(data_root):
         lines.append(f"{stem}.jpg {label}")
         shutil.copy(path, root / "Image" / "aligned" / f"{stem}_aligned.jpg")
     (root / "EmoLabel" / "list_patition_label.txt").write_text("\n".join(sorted(lines)) + "\n")

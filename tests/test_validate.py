@@ -215,7 +215,8 @@ def test_near_duplicate_across_splits_is_reported(work: Path, monkeypatch, capsy
     assert code == 0, printed
     assert "1 near-duplicate train/test pair(s)" in printed
     [pair] = report(work)["near_duplicates_across_splits"]
-    assert pair["train"] == f"train/sad/{original.name}" and pair["test"] == "test/sad/reencoded.jpg"
+    assert pair["train"] == f"train/sad/{original.name}"
+    assert pair["test"] == "test/sad/reencoded.jpg"
     assert pair["bits"] <= 24
 
 

@@ -78,7 +78,7 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, _ = item.split("=", 1)
-        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+        if key not in OPTIONAL_KEYS and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(f"unknown config key {key!r} in override {item!r}")
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     validate(cfg)
@@ -86,6 +86,8 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
 
 
 _MISSING = object()
+# Keys a stage reads with a default when params.yaml lacks them: an override may still set them.
+OPTIONAL_KEYS = frozenset({"train.deterministic"})
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:

@@ -7,6 +7,7 @@ is never read here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -42,6 +43,18 @@ def configure_tensorflow(threads: int, seed: int) -> None:
         except RuntimeError:  # already initialised in this process (tests, tuning)
             pass
     keras.utils.set_random_seed(seed)
+
+
+def distribution_strategy() -> tf.distribute.Strategy | None:
+    """MirroredStrategy over every visible GPU when there are several (the gpu profile on a
+    multi-GPU machine: each batch is split across them and the gradients summed); None with one
+    GPU or none, where TensorFlow's default strategy is used as before."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) < 2:
+        return None
+    strategy = tf.distribute.MirroredStrategy()
+    print(f"train: MirroredStrategy over {strategy.num_replicas_in_sync} GPUs", flush=True)
+    return strategy
 
 
 def augmentation(aug: DictConfig, seed: int) -> keras.Sequential:
@@ -170,7 +183,11 @@ def fit(
     configure_tensorflow(t.threads, cfg.seed)
     if t.get("deterministic", False):
         tf.config.experimental.enable_op_determinism()
-    model = build(m, cfg.data.image_size, n_classes)
+    strategy = distribution_strategy()
+    # variables (model, optimizer slots) are created inside the strategy's scope when there is one
+    scope = strategy.scope if strategy is not None else contextlib.nullcontext
+    with scope():
+        model = build(m, cfg.data.image_size, n_classes)
     warmup = min(t.warmup_epochs, epochs - 1) if backbone_of(model) is not None else 0
     steps = int(np.ceil(len(train[0]) / t.batch_size))
     mode = monitor_mode(t.monitor)
@@ -188,8 +205,9 @@ def fit(
             break
         if _phase(epoch, warmup) != phase:
             phase = _phase(epoch, warmup)
-            _enter_phase(model, cfg, phase, n_classes, steps, epochs - warmup)
-            store.restore_optimizer(model, phase)
+            with scope():
+                _enter_phase(model, cfg, phase, n_classes, steps, epochs - warmup)
+                store.restore_optimizer(model, phase)
         start = time.perf_counter()
         epoch_seed = cfg.seed * 1000 + epoch
         train_ds = make_dataset(*train, n_classes, t.batch_size,

@@ -3,8 +3,9 @@
 Errors fail the stage (exit 2) with one line per offending file or folder, all of them at once:
 a missing split or class folder, an unknown class folder, an empty class, a stray file or folder,
 a file that is not an image or does not decode (truncated, corrupt, declaring more pixels than
-data.limits.max_image_pixels, larger than data.limits.max_file_bytes), an image that is not source_size x source_size RGB (unless
-data.on_bad_format is `convert`), and the same bytes in train and test (leakage).
+data.limits.max_image_pixels, larger than data.limits.max_file_bytes), an image that is not
+source_size x source_size RGB (unless data.on_bad_format is `convert`), and the same bytes in train
+and test (leakage). docs/data.md lists every check and its message.
 Reported in reports/data_validation.json without failing: byte-identical files inside one split,
 train/test pairs whose 256-bit difference hashes differ in at most data.near_duplicate_bits bits,
 and (with `convert`) the images prepare will convert. A failed validation writes no report, so the
