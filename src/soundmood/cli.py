@@ -25,6 +25,7 @@ class Command:
     help: str
     stage: bool = False
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    overrides: bool = False  # tools that take key=value overrides like the stages
 
 
 def _tune_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +86,7 @@ COMMANDS: dict[str, Command] = {
         "mood per photo", arguments=_predict_args),
     "import-rafdb": Command(
         "soundmood.data.importer:import_cli", "build the 5-class tree from an official RAF-DB "
-        "or Kaggle-copy download (folder or .zip)", arguments=_import_args),
+        "or Kaggle-copy download (folder or .zip)", arguments=_import_args, overrides=True),
 }
 
 
@@ -113,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=command.help, description=command.help)
         if command.arguments:
             command.arguments(p)
-        if command.stage:
+        if command.stage or command.overrides:
             p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                           help="override params.yaml for this run, e.g. train.epochs=3")
+                           help="override params.yaml for this run, e.g. train.epochs=3 or "
+                                "data.limits.max_archive_bytes=1000000000")
     return parser
 
 

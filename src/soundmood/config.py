@@ -78,7 +78,7 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, _ = item.split("=", 1)
-        if key not in OPTIONAL_KEYS and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(f"unknown config key {key!r} in override {item!r}")
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     validate(cfg)
@@ -86,8 +86,6 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
 
 
 _MISSING = object()
-# Keys a stage reads with a default when params.yaml lacks them: an override may still set them.
-OPTIONAL_KEYS = frozenset({"train.deterministic"})
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
@@ -162,8 +160,8 @@ class _Checker:
         if value is not _MISSING and value not in options:
             self.fail(key, f"{value!r} is not one of {', '.join(map(str, options))}")
 
-    def boolean(self, key: str, optional: bool = False) -> None:
-        value = self.value(key) if optional else self.present(key)
+    def boolean(self, key: str) -> None:
+        value = self.present(key)
         if value is not _MISSING and not isinstance(value, bool):
             self.fail(key, f"{value!r} is not true or false")
 
@@ -245,7 +243,7 @@ def _check_train(c: _Checker) -> None:
     c.integer("train.early_stopping_patience", 0, 10_000)
     c.choice("train.monitor", ("val_macro_f1", "val_accuracy", "val_loss"))
     c.boolean("train.use_tuned")
-    c.boolean("train.deterministic", optional=True)
+    c.boolean("train.deterministic")
     c.integer("train.threads", 0, 1024)
     c.boolean("train.augment.flip")
     c.number("train.augment.rotation", 0.0, 0.5)
