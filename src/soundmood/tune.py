@@ -10,8 +10,12 @@ same inputs resumes it and a changed space or config starts a new one. `tune.n_t
 trials the study already holds. Hand-over to train: `tune.best_params_path` (dotted key -> value)
 and reports/tune.json; MLflow gets one parent run per execution with a nested run per trial.
 
-`run` prepares the study and the parent run, then calls `optimize`, which only needs the study's
-name, the storage URL and the parent run id: N worker processes can run it on one study.
+`run` prepares the study and the parent run, then calls `optimize` in-process (one worker) or
+in N spawned worker processes (`--workers N`), each with its worker index and train.threads // N
+TensorFlow threads; their trials are nested under the one parent run. With a PostgreSQL storage the
+same command on another machine joins the study. A worker starts a trial only while the trials
+counted plus those running in live workers stay under n_trials, so N workers never overshoot the
+budget; a trial whose worker process died is marked FAIL 'orphaned' and does not count.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import socket
@@ -28,6 +33,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +64,13 @@ NOT_AFFECTING_TRIALS = frozenset({
     "train.epochs", "train.threads",
 })
 TUNE_KEYS_AFFECTING_TRIALS = ("tune.epochs", "tune.subset_fraction", "tune.objective")
-# Trials that failed because their process stopped, not because of their values: they do not use
-# up the n_trials budget (a resumed study still gets n_trials real outcomes).
-NOT_COUNTED_REASONS = frozenset({"interrupted", "orphaned"})
+# Trials that failed because their process stopped, not because of their values (or, "surplus",
+# that a concurrent worker took the last place in the budget first): they do not use up the
+# n_trials budget (a resumed study still gets n_trials real outcomes).
+NOT_COUNTED_REASONS = frozenset({"interrupted", "orphaned", "surplus"})
+# A RUNNING trial that has not recorded its worker yet is someone's trial between ask() and its
+# first line for this long; older than that, its process died in between.
+UNCLAIMED_GRACE = timedelta(seconds=60)
 _MISSING = object()
 
 
@@ -301,6 +311,18 @@ def budget_used(study: optuna.Study) -> int:
     return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
 
 
+def is_live_running(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.RUNNING and not is_orphaned(trial)
+
+
+def budget_taken(study: optuna.Study, before: int | None = None) -> int:
+    """Trials counted plus those running in live workers (places in the budget already taken);
+    with `before`, only trials numbered below it."""
+    return sum(counts_toward_budget(t) or is_live_running(t)
+               for t in study.get_trials(deepcopy=False)
+               if before is None or t.number < before)
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -315,13 +337,21 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def is_dead_here(owner: Any) -> bool:
+    """Whether `owner` ("host:pid", as worker_id() gives) names a process of this machine that
+    is gone. A process on another machine cannot be judged from here: it is not dead."""
+    host, _, pid = str(owner or "").rpartition(":")
+    return host == socket.gethostname() and not (pid.isdigit() and _process_alive(int(pid)))
+
+
 def is_orphaned(trial: FrozenTrial) -> bool:
     """A RUNNING trial whose worker process on this machine is gone. A trial of a worker on
     another machine cannot be judged from here and is left alone."""
-    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-    if not host:
-        return True  # killed between ask() and recording its worker
-    return host == socket.gethostname() and not (pid.isdigit() and _process_alive(int(pid)))
+    if "worker" not in trial.user_attrs:
+        # between ask() and recording its worker: a live worker's for a moment, else killed there
+        started = trial.datetime_start
+        return started is None or datetime.now() - started > UNCLAIMED_GRACE
+    return is_dead_here(trial.user_attrs["worker"])
 
 
 def fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
@@ -333,8 +363,11 @@ def fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStora
         if not is_orphaned(trial):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        storage.set_trial_user_attr(trial_id, "fail_reason", "orphaned")
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", "orphaned")
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except RuntimeError:
+            continue  # another process finished or failed it first
         _close_orphaned_runs(trial)
         shutil.rmtree(trial_work_dir(study.study_name, trial.number), ignore_errors=True)
         failed.append(trial.number)
@@ -342,10 +375,14 @@ def fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStora
 
 
 def _close_orphaned_runs(trial: FrozenTrial) -> None:
+    """The dead trial's MLflow run is marked KILLED; so is its parent run when the process that
+    opened it (the command that started the worker) is gone too, not while it still runs."""
     client = MlflowClient()
     for key in ("mlflow_run_id", "mlflow_parent_run_id"):
         run_id = trial.user_attrs.get(key)
         if not run_id:
+            continue
+        if key == "mlflow_parent_run_id" and not is_dead_here(trial.user_attrs.get("parent")):
             continue
         try:
             if client.get_run(run_id).info.status == "RUNNING":
@@ -418,6 +455,10 @@ class PruneOnObjective(keras.callbacks.Callback):
         self.model.stop_training = True
 
 
+class SurplusTrial(Exception):
+    """A trial started after concurrent workers had already taken the whole budget."""
+
+
 @dataclass
 class Objective:
     """Trains one trial's configuration inside a nested MLflow run and returns its value."""
@@ -428,10 +469,20 @@ class Objective:
     parent_run_id: str
     train_data: tuple[np.ndarray, np.ndarray]
     val_data: tuple[np.ndarray, np.ndarray]
+    worker: int = 0
+    parent: str = ""  # worker_id() of the process that opened the parent run
 
     def __call__(self, trial: optuna.Trial) -> float:
-        values = {p.key: p.suggest(trial) for p in self.params}
         trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("worker_index", self.worker)
+        trial.set_user_attr("parent", self.parent or worker_id())
+        if budget_taken(trial.study, before=trial.number) >= self.cfg.tune.n_trials:
+            # another worker took the last place between our budget check and ask()
+            trial.set_user_attr("fail_reason", "surplus")
+            trial.study.stop()
+            raise SurplusTrial(f"trial {trial.number}: the budget of {self.cfg.tune.n_trials} "
+                               f"trials is already taken")
+        values = {p.key: p.suggest(trial) for p in self.params}
         tags = {"optuna.study_name": self.study_name, "optuna.trial_number": str(trial.number),
                 "stage": "tune-trial"}
         start = time.perf_counter()
@@ -499,10 +550,13 @@ class Progress:
 
     objective: str
     parent_run_id: str
+    prefix: str = "tune"
     started: float = field(default_factory=time.monotonic)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        print(f"tune: {describe_trial(trial, self.objective)} "
+        if trial.user_attrs.get("fail_reason") == "surplus":
+            return
+        print(f"{self.prefix}: {describe_trial(trial, self.objective)} "
               f"(total {time.monotonic() - self.started:.0f}s)", flush=True)
         if trial.state == TrialState.COMPLETE and study.best_trial.number == trial.number:
             client = MlflowClient()
@@ -530,21 +584,23 @@ def _short(value: Any) -> str:
 
 
 def stop_at_budget(n_trials: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Stop this worker once the trials counted plus those other live workers are running fill
+    the budget (they finish it; a worker that starts one more would overshoot n_trials)."""
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        if budget_used(study) >= n_trials:
+        if budget_taken(study) >= n_trials:
             study.stop()
 
     return callback
 
 
 def optimize(cfg: DictConfig, params: list[Param], name: str, parent_run_id: str,
-             deadline: float | None, worker: int = 0) -> None:
+             deadline: float | None, worker: int = 0, parent: str = "") -> None:
     """Run trials on the study until n_trials count, the deadline (time.monotonic) passes, or
     Ctrl-C (re-raised after the current trial is recorded as FAIL 'interrupted')."""
     tune = cfg.tune
     storage = make_storage(tune.storage)
     held = optuna.load_study(study_name=name, storage=storage)
-    remaining = tune.n_trials - budget_used(held)
+    remaining = tune.n_trials - budget_taken(held)
     timeout = None if deadline is None else deadline - time.monotonic()
     if remaining <= 0 or (timeout is not None and timeout <= 0):
         return
@@ -553,10 +609,66 @@ def optimize(cfg: DictConfig, params: list[Param], name: str, parent_run_id: str
     x, y = load_split(cfg.data.prepared_dir, "train")
     objective = Objective(cfg, params, name, parent_run_id,
                           stratified_subset(x, y, tune.subset_fraction, cfg.seed),
-                          load_split(cfg.data.prepared_dir, "val"))
-    callbacks = [Progress(tune.objective, parent_run_id), stop_at_budget(tune.n_trials)]
-    study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
-                   callbacks=callbacks, gc_after_trial=True)
+                          load_split(cfg.data.prepared_dir, "val"), worker, parent)
+    prefix = f"tune[worker {worker}]" if parent and parent != worker_id() else "tune"
+    callbacks = [Progress(tune.objective, parent_run_id, prefix), stop_at_budget(tune.n_trials)]
+    with warnings.catch_warnings():
+        # a surplus trial is recorded FAIL on purpose; Optuna would warn about it
+        warnings.simplefilter("ignore")
+        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
+                       callbacks=callbacks, gc_after_trial=True)
+
+
+# --- N worker processes ----------------------------------------------------------------------
+
+
+def worker_threads(cfg: DictConfig, workers: int) -> int:
+    """TensorFlow threads per worker so that N workers share the cores: train.threads // N (all
+    cores when train.threads is 0), at least 1."""
+    total = cfg.train.threads or os.cpu_count() or 1
+    return max(1, total // workers)
+
+
+def _worker_main(config: dict, name: str, parent_run_id: str, deadline: float | None,
+                 worker: int, parent: str) -> None:
+    """Entry point of a spawned worker process: one `optimize` on the shared study."""
+    cfg = OmegaConf.create(config)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tracking.setup(cfg)
+    try:
+        optimize(cfg, parse_space(cfg), name, parent_run_id, deadline, worker, parent)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+def optimize_in_workers(cfg: DictConfig, name: str, parent_run_id: str, deadline: float | None,
+                        workers: int) -> tuple[bool, dict[int, int]]:
+    """Run `optimize` in `workers` spawned processes on the study and wait for them. Returns
+    whether Ctrl-C interrupted them and the exit code of each worker that failed. A worker
+    that dies leaves its trial RUNNING: the others stop counting it (its process is gone) and
+    fill the budget, and its trial is marked FAIL 'orphaned' here once all have stopped."""
+    threads = worker_threads(cfg, workers)
+    worker_cfg = OmegaConf.to_container(with_values(cfg, {"train.threads": threads}),
+                                        resolve=True)
+    context = multiprocessing.get_context("spawn")
+    parent = worker_id()
+    processes = [context.Process(target=_worker_main, name=f"soundmood-tune-worker-{i}",
+                                 args=(worker_cfg, name, parent_run_id, deadline, i, parent))
+                 for i in range(workers)]
+    print(f"tune: {workers} workers, {threads} TensorFlow thread(s) each", flush=True)
+    for process in processes:
+        process.start()
+    interrupted = False
+    while True:
+        try:
+            for process in processes:
+                process.join()
+            break
+        except KeyboardInterrupt:  # the workers got Ctrl-C too: wait while they record it
+            interrupted = True
+    failed = {i: p.exitcode for i, p in enumerate(processes) if p.exitcode != 0}
+    interrupted = interrupted or any(code == 130 for code in failed.values())
+    return interrupted, failed
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -564,20 +676,29 @@ def optimize(cfg: DictConfig, params: list[Param], name: str, parent_run_id: str
 
 def cli(cfg: DictConfig, args: Any) -> int:
     """`soundmood tune [--workers N] [key=value ...]`; exit 130 when interrupted."""
-    if getattr(args, "workers", 1) != 1:
+    workers = getattr(args, "workers", 1)
+    if not isinstance(workers, int) or workers < 1:
         from soundmood.cli import UserError
 
-        raise UserError("--workers: only 1 worker is supported so far")
-    report = run(cfg)
+        raise UserError(f"--workers: {workers!r} is not a number of processes >= 1")
+    report = run(cfg, workers=workers)
     return 130 if report.get("interrupted") else 0
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def is_sqlite(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] == "sqlite"
+
+
+def run(cfg: DictConfig, workers: int = 1) -> dict[str, Any]:
     """The `tune` stage: search, then write best_params.yaml and tune.json."""
     if not cfg.tune.enabled:
         return write_disabled(cfg)
     validate_tune(cfg.tune)
     params = parse_space(cfg)
+    if workers > 1 and is_sqlite(cfg.tune.storage):
+        print(f"tune: warning: {workers} workers on a SQLite study work on this machine only "
+              f"(SQLite is for one machine; a PostgreSQL tune.storage lets other machines join)",
+              flush=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name, storage = study_name(cfg, params), make_storage(cfg.tune.storage)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
@@ -588,7 +709,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         enqueue_baseline(study, cfg, params)
     started = time.monotonic()
     deadline = started + cfg.tune.timeout_s if cfg.tune.timeout_s else None
-    interrupted = False
+    interrupted, failed_workers = False, {}
     with mlflow.start_run(run_name=f"tune-{name}") as parent:
         mlflow.set_tags({**tracking.run_tags(cfg, "tune"), "optuna.study_name": name,
                          "optuna.storage": printable_url(cfg.tune.storage)})
@@ -597,19 +718,38 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               f"{budget_used(study)}/{cfg.tune.n_trials} trials done"
               + (f", orphaned trials {orphans} marked FAIL" if orphans else "")
               + "; space: " + "; ".join(p.describe() for p in params), flush=True)
-        try:
-            optimize(cfg, params, name, parent.info.run_id, deadline)
-        except KeyboardInterrupt:
-            interrupted = True
-            running = optuna.load_study(study_name=name, storage=storage).trials[-1]
-            print(f"tune: interrupted; {describe_trial(running, cfg.tune.objective)}",
-                  flush=True)
+        mlflow.set_tag("tune.workers", str(workers))
+        if workers > 1:
+            interrupted, failed_workers = optimize_in_workers(cfg, name, parent.info.run_id,
+                                                              deadline, workers)
+            orphans = fail_orphaned_trials(study, storage)
+            if orphans:
+                print(f"tune: trials {orphans} of dead workers marked FAIL (orphaned)",
+                      flush=True)
+        else:
+            try:
+                optimize(cfg, params, name, parent.info.run_id, deadline, parent=worker_id())
+            except KeyboardInterrupt:
+                interrupted = True
+                running = optuna.load_study(study_name=name, storage=storage).trials[-1]
+                print(f"tune: interrupted; {describe_trial(running, cfg.tune.objective)}",
+                      flush=True)
         study = optuna.load_study(study_name=name, storage=storage)
         report = write_reports(cfg, study, parent.info.run_id, time.monotonic() - started,
                                interrupted)
         log_summary(cfg, study, report)
         if interrupted:
             mlflow.end_run("KILLED")
+        elif failed_workers and budget_used(study) < cfg.tune.n_trials:
+            mlflow.end_run("FAILED")
+            raise RuntimeError(
+                "tune: worker(s) " + ", ".join(f"{i} (exit code {c})"
+                                               for i, c in failed_workers.items())
+                + f" stopped early; {budget_used(study)}/{cfg.tune.n_trials} trials done. "
+                "Run the same command again to resume the study.")
+    if failed_workers and not interrupted:
+        print("tune: warning: worker(s) " + ", ".join(map(str, failed_workers))
+              + " stopped early; the others finished the budget", flush=True)
     best = (f"best trial {report['best_trial']} {cfg.tune.objective}={report['best_value']:.4f}"
             if report["best_trial"] is not None else "no trial completed")
     print(f"tune: {best}; trials {report['trials']}; {report['elapsed_seconds']:.0f}s; "
@@ -642,6 +782,8 @@ def write_reports(cfg: DictConfig, study: optuna.Study, run_id: str, elapsed: fl
         "n_trials": cfg.tune.n_trials,
         "trials_counted": budget_used(study),
         "interrupted": interrupted,
+        "workers": sorted({str(t.user_attrs["worker"]) for t in study.get_trials(deepcopy=False)
+                           if "worker" in t.user_attrs}),
         "mlflow_run_id": run_id,
         "elapsed_seconds": round(elapsed, 1),
     }
