@@ -19,14 +19,22 @@ from tests.conftest import compose_config
 from tests.test_serving import build_tiny_model, log_in_run, tiny_config
 
 CLASSES = ("angry", "happy", "neutral", "sad", "surprised")
-RULES = OmegaConf.create({"min_improvement": 0.01, "min_class_recall": 0.5})
+RULES = OmegaConf.create({"min_improvement": 0.01, "min_class_recall": 0.5,
+                          "min_condition_accuracy": 0.6})
+CONDITIONS = ("grey", "dark", "loose_crop")
+
+
+def robust_tags(accuracy: float | dict) -> dict[str, str]:
+    """Version tags as register writes them from reports/robustness.json."""
+    accuracies = accuracy if isinstance(accuracy, dict) else dict.fromkeys(CONDITIONS, accuracy)
+    return {f"robust_{name}_accuracy": str(value) for name, value in accuracies.items()}
 
 
 def facts(version: int, macro_f1: float, recall: float | dict = 0.6, data: str = "md5-a",
-          test_images: int | None = 500) -> Facts:
+          test_images: int | None = 500, robust: float | dict = 0.7) -> Facts:
     recalls = recall if isinstance(recall, dict) else dict.fromkeys(CLASSES, recall)
     tags = {Tag.DATA_MD5: data, "test_macro_f1": str(macro_f1), "test_accuracy": "0.7",
-            **{f"test_{c}_recall": str(v) for c, v in recalls.items()}}
+            **{f"test_{c}_recall": str(v) for c, v in recalls.items()}, **robust_tags(robust)}
     if test_images is not None:
         tags[Tag.TEST_IMAGES] = str(test_images)
     return Facts.from_tags(version, tags)
@@ -69,17 +77,32 @@ def test_every_failed_rule_is_reported_and_rules_are_extensible():
     assert not decision.promote
     assert "class recall below" in decision.reason and "0.6000 vs champion" in decision.reason
 
-    def robust_enough(candidate: Facts, champion: Facts | None, rules: DictConfig):
-        floor = rules.get("min_condition_accuracy")
-        if floor is None:
+    def small_enough(candidate: Facts, champion: Facts | None, rules: DictConfig):
+        limit = rules.get("max_model_mb")
+        if limit is None:
             return None
-        worst = candidate.metrics.get("worst_condition_accuracy", 0.0)
-        return registry.Check(worst >= floor, f"worst condition accuracy {worst} vs {floor}")
+        size = float(candidate.tags.get("model_mb", "inf"))
+        return registry.Check(size <= limit, f"model {size} MB vs registry.max_model_mb {limit}")
 
-    rules = OmegaConf.merge(RULES, {"min_condition_accuracy": 0.4})
-    checks = (*registry.RULES, robust_enough)
+    rules = OmegaConf.merge(RULES, {"max_model_mb": 10})
+    checks = (*registry.RULES, small_enough)
     assert not gate(facts(2, 0.9), facts(1, 0.7), rules, checks).promote
     assert gate(facts(2, 0.9), facts(1, 0.7), RULES, checks).promote  # rule not configured
+
+
+def test_a_capture_condition_below_the_floor_refuses_and_is_named():
+    decision = gate(facts(1, 0.9, robust={"grey": 0.8, "dark": 0.41, "loose_crop": 0.75}), None,
+                    RULES)
+    assert not decision.promote
+    assert "dark 0.4100" in decision.reason and "min_condition_accuracy" in decision.reason
+    assert "grey" not in decision.reason
+    passed = gate(facts(1, 0.9, robust=0.65), None, RULES)
+    assert passed.promote and "worst: " in passed.reason
+    unmeasured = Facts.from_tags(1, {k: v for k, v in facts(1, 0.9).tags.items()
+                                     if not k.startswith("robust_")})
+    assert not gate(unmeasured, None, RULES).promote  # a floor needs figures to check
+    off = OmegaConf.merge(RULES, {"min_condition_accuracy": 0.0})
+    assert gate(unmeasured, None, off).promote
 
 
 def test_the_champion_is_never_its_own_candidate():
@@ -105,13 +128,14 @@ def keras_model():
 
 
 def add_version(cfg: DictConfig, model, macro_f1: float, recall: float = 0.6,
-                data: str = "md5-a") -> str:
+                data: str = "md5-a", robust: float = 0.7) -> str:
     """A real run with the served model logged as evaluate logs it, registered with these test
     metrics (the model is the same tiny network; the gate reads only the tags)."""
     run_id, uri = log_in_run(model, cfg)
     metrics = {"accuracy": macro_f1 + 0.05, "macro_f1": macro_f1,
                **{f"{c}_recall": recall for c in cfg.data.classes}}
-    tags = registry.version_tags(cfg, run_id, metrics, data, 250)
+    robust_metrics = {f"robust_{name}_accuracy": robust for name in CONDITIONS}
+    tags = registry.version_tags(cfg, run_id, metrics, data, 250, robust_metrics)
     return str(registry.register(cfg, uri, run_id, tags).version)
 
 
