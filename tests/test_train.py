@@ -187,3 +187,21 @@ def test_mirrored_strategy_only_with_several_gpus(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(tf.config, "list_logical_devices",
                         lambda kind=None: ["/gpu:0"] if kind == "GPU" else [])
     assert train.distribution_strategy() is None and made == [1]
+
+
+@pytest.mark.parametrize(("tuned", "message"), [
+    ("train.lrr: 0.001\n", "'train.lrr' is not in the composed config"),
+    ("train.lr: -0.5\n", "train.lr: -0.5 is not in"),
+])
+def test_stale_or_invalid_tuned_values_are_refused(tuned: str, message: str,
+                                                   tmp_path: Path, data_root: Path) -> None:
+    from soundmood.config import ConfigError
+    from soundmood.train import apply_tuned
+
+    cfg = smoke_config(tmp_path, data_root)
+    best = Path(cfg.tune.best_params_path)
+    best.parent.mkdir(parents=True, exist_ok=True)
+    best.write_text(tuned)
+    with pytest.raises(ConfigError, match=message) as raised:
+        apply_tuned(cfg)
+    assert str(best) in str(raised.value)

@@ -26,6 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from soundmood import robustness, tracking
+from soundmood.config import ConfigError, validate
 from soundmood.data.prepare import load_index, load_split
 from soundmood.models import backbone_of, build, set_backbone_trainable
 
@@ -473,8 +474,18 @@ def apply_tuned(cfg: DictConfig) -> tuple[DictConfig, dict[str, object]]:
     tuned = yaml.safe_load(path.read_text()) or {}
     cfg = cfg.copy()
     for key, value in tuned.items():
+        if OmegaConf.select(cfg, key, default=_NOT_SET) is _NOT_SET:
+            raise ConfigError(f"{path}: tuned key {key!r} is not in the composed config (stale? "
+                              "rerun the tune stage)")
         OmegaConf.update(cfg, key, value, merge=False)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: the tuned values make an invalid config: {exc}") from exc
     return cfg, tuned
+
+
+_NOT_SET = object()
 
 
 def config_digest(cfg: DictConfig) -> str:
