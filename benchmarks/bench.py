@@ -20,12 +20,12 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
-from soundmood import tracking  # noqa: E402
-from soundmood.config import load  # noqa: E402
-from soundmood.data.prepare import load_split  # noqa: E402
+from soundmood import tracking
+from soundmood.config import load
+from soundmood.data.prepare import load_split
 
 
 def training_throughput(cfg: DictConfig, model_name: str, steps: int) -> float:

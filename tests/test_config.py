@@ -45,7 +45,7 @@ def test_flatten_gives_dotted_keys() -> None:
 
 def test_load_applies_overrides_and_rejects_unknown_keys() -> None:
     assert load(["train.epochs=3"], ROOT).train.epochs == 3
-    with pytest.raises(ConfigError, match="train.epochz"):
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
         load(["train.epochz=3"], ROOT)
 
 

@@ -11,7 +11,8 @@ from soundmood.data.prepare import limit_per_class, load_index, load_split, spli
 def _samples(counts: list[int]) -> list[Sample]:
     from pathlib import Path
 
-    return [Sample(Path(f"{k}_{i}.jpg"), "train", k) for k, n in enumerate(counts) for i in range(n)]
+    return [Sample(Path(f"{k}_{i}.jpg"), "train", k)
+            for k, n in enumerate(counts) for i in range(n)]
 
 
 def test_split_is_stratified_and_seeded() -> None:

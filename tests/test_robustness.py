@@ -323,9 +323,8 @@ def test_capture_augmentation_runs_in_the_batched_training_map(prepared_smoke) -
     layers = robustness.augmentation_layers(aug, seed=7)
     assert [layer.name for layer in layers] == [
         "random_gamma", "random_greyscale", "random_downsample", "random_jpeg"]
-    pipeline = train.augmentation(aug, 7)
-    for layer in layers:
-        pipeline.add(layer)
+    pipeline = train.augmentation(aug, 7)  # train's own pipeline ends with the same layers
+    assert [layer.name for layer in pipeline.layers[-4:]] == [layer.name for layer in layers]
     batches = list(train.make_dataset(x, y, 5, 16, pipeline, seed=7))
     images = np.concatenate([b[0].numpy() for b in batches])
     assert images.shape == x.shape and images.dtype == np.uint8

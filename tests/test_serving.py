@@ -80,7 +80,8 @@ def champion_store(model, cfg: DictConfig) -> str:
     run_id, uri = log_in_run(model, cfg)
     metrics = {"accuracy": 0.6, "macro_f1": 0.6,
                **{f"{c}_recall": 0.6 for c in cfg.data.classes}}
-    tags = registry.version_tags(cfg, run_id, metrics, "md5-serving-test", 10)
+    robust = {f"robust_{name}_accuracy": 0.6 for name in cfg.evaluate.conditions}
+    tags = registry.version_tags(cfg, run_id, metrics, "md5-serving-test", 10, robust)
     mv = registry.register(cfg, uri, run_id, tags)
     assert registry.promote(cfg, mv.version).promote
     return uri

@@ -89,7 +89,8 @@ _MISSING = object()
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
-    """Dotted keys to leaf values (lists kept whole), as MLflow params and `dvc exp show` see them."""
+    """Dotted keys to leaf values (lists kept whole), as MLflow params and `dvc exp show` show
+    them."""
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     flat: dict[str, object] = {}
     for key, value in tree.items():

@@ -47,7 +47,8 @@ def build_seed_cnn(model_cfg: DictConfig, size: int, n_classes: int) -> keras.Mo
 
 def verify_sha256(path: Path, expected: str) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"model.weights: {path} not found (see ../shared/weights/README.md)")
+        raise FileNotFoundError(
+            f"model.weights: {path} not found (see ../shared/weights/README.md)")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if expected and digest != expected:
         raise ValueError(f"model.weights: {path} has sha256 {digest}, expected {expected}")

@@ -1,4 +1,5 @@
-"""train stage: fit the configured model on train, pick the epoch on validation, save models/model.keras.
+"""train stage: fit the configured model on train, pick the epoch on validation, save
+models/model.keras.
 
 Pretrained models first train their head with the backbone frozen (`train.warmup_epochs`), then
 fine-tune. The epoch kept is the best on `train.monitor` over the validation split; the test split
@@ -513,10 +514,12 @@ def run(cfg: DictConfig) -> FitResult:
     cfg, tuned = apply_tuned(cfg)
     reports = Path(cfg.evaluate.reports_dir)
     index = load_index(cfg.data.prepared_dir)
-    train, val = load_split(cfg.data.prepared_dir, "train"), load_split(cfg.data.prepared_dir, "val")
+    train = load_split(cfg.data.prepared_dir, "train")
+    val = load_split(cfg.data.prepared_dir, "val")
     tracking.setup(cfg)
     tune_report = reports / "tune.json"
-    tune_run = json.loads(tune_report.read_text()).get("mlflow_run_id") if tune_report.exists() else None
+    tune_run = (json.loads(tune_report.read_text()).get("mlflow_run_id")
+                if tune_report.exists() else None)
     with mlflow.start_run(run_name=f"{cfg.model.name}-{cfg.get('profile', '')}") as active:
         mlflow.set_tags(tracking.run_tags(cfg, "train"))
         if tune_run:

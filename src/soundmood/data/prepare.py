@@ -60,7 +60,8 @@ def decode_all(samples: list[Sample], size: int, desc: str) -> np.ndarray:
     return out
 
 
-def load_split(prepared_dir: str | Path, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_split(prepared_dir: str | Path, split: str,
+               mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 NxSxSx3, labels int64) of one prepared split."""
     base = Path(prepared_dir)
     mode = "r" if mmap else None
@@ -105,7 +106,8 @@ def run(cfg: DictConfig) -> dict:
         np.save(out_dir / f"{name}_y.npy", y)
         index["counts"][name] = {c: int((y == k).sum()) for k, c in enumerate(classes)}
         index["files"][name] = [
-            [str(s.path.relative_to(root)), h] for s, h in zip(splits[name], hashes[name], strict=True)
+            [str(s.path.relative_to(root)), h]
+            for s, h in zip(splits[name], hashes[name], strict=True)
         ]
     (out_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     sizes = ", ".join(f"{n} {len(splits[n])}" for n in SPLIT_NAMES)
