@@ -50,6 +50,7 @@ from soundmood import tracking, train
 from soundmood.config import ConfigError, flatten, validate
 from soundmood.data.layout import data_version
 from soundmood.data.prepare import load_split
+from soundmood.processes import is_alive
 
 OBJECTIVES = ("val_macro_f1", "val_accuracy")
 PRUNERS = ("median", "hyperband", "none")
@@ -327,21 +328,11 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def is_dead_here(owner: Any) -> bool:
     """Whether `owner` ("host:pid", as worker_id() gives) names a process of this machine that
     is gone. A process on another machine cannot be judged from here: it is not dead."""
     host, _, pid = str(owner or "").rpartition(":")
-    return host == socket.gethostname() and not (pid.isdigit() and _process_alive(int(pid)))
+    return host == socket.gethostname() and not (pid.isdigit() and is_alive(int(pid)))
 
 
 def is_orphaned(trial: FrozenTrial) -> bool:

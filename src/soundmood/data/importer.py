@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from soundmood.cli import UserError
 from soundmood.data.images import IMAGE_SUFFIXES, ImageError, open_bounded
 from soundmood.data.layout import RAFDB_LABEL_NAMES, SPLITS
+from soundmood.processes import is_alive
 
 OFFICIAL_LABEL_FILE = "list_patition_label.txt"  # sic: the official release's spelling
 OFFICIAL_LABEL_DIRS = ("EmoLabel", "EmotionLabel")
@@ -408,18 +409,8 @@ def _remove_stale_staging(out: Path) -> None:
     """A killed import leaves its staging folder; left there, `dvc add data` would take it in."""
     for folder in out.parent.glob(f"{_staging_prefix(out)}*"):
         pid = folder.name.removeprefix(_staging_prefix(out)).split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not is_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_tree(source: Source, items: list[Item], tree: Path,
