@@ -26,7 +26,7 @@ class DetectorSettings:
     max_side: int = 1280
     min_face_size: int = 20
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
-    min_confidence: float = 0.95
+    min_confidence: float = 0.9
     max_faces: int = 20
 
 
