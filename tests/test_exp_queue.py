@@ -114,11 +114,10 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     start = time.monotonic()
     _sh(["dvc", "queue", "start", "-j", "2"], repo, env)
-    peak_running, statuses = 0, queued
+    statuses = queued
     try:
         while time.monotonic() - start < QUEUE_LIMIT_S:
             statuses = _queue_status(repo, env)
-            peak_running = max(peak_running, sum(s == "Running" for _, s in statuses))
             if not any(s in {"Queued", "Running"} for _, s in statuses):
                 break
             time.sleep(5)
@@ -150,7 +149,6 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "names": names,
         "shown": shown,
         "seconds": seconds,
-        "peak_running": peak_running,
     }
 
 
@@ -161,11 +159,30 @@ def test_the_grid_runs_two_at_a_time_and_every_experiment_is_shown(grid: dict) -
         params = experiments[name]["params"]["params.yaml"]["data"]
         assert params["model"]["name"] == model and params["data"]["image_size"] == size, name
         assert params["tune"]["enabled"] is False and params["train"]["epochs"] == 1
-    assert grid["peak_running"] == 2  # -j 2: two experiments at once
-    print(
-        f"2x2 grid with dvc queue -j 2: {grid['seconds']:.0f}s, "
-        f"at most {grid['peak_running']} running at once"
+    # -j 2: the experiments' MLflow runs (train + evaluate) overlap two at a time, never three.
+    # (Polling `dvc queue status` for "Running" misses short tasks on a loaded machine.)
+    peak = _peak_overlap(_finished_train_runs(grid["env"]))
+    assert peak == 2, f"at most {peak} experiments ran at once"
+    print(f"2x2 grid with dvc queue -j 2: {grid['seconds']:.0f}s, {peak} running at once")
+
+
+def _finished_train_runs(env: dict[str, str]) -> list:
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(compose_config().tracking.experiment)
+    assert experiment is not None, "no MLflow experiment: the workers ignored the env"
+    return client.search_runs(
+        [experiment.experiment_id], "tags.stage = 'train' and attributes.status = 'FINISHED'"
     )
+
+
+def _peak_overlap(runs: list) -> int:
+    """Most runs open at the same moment, from their start and end times."""
+    events = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs])
+    open_runs = peak = 0
+    for _, step in events:
+        open_runs += step
+        peak = max(peak, open_runs)
+    return peak
 
 
 def test_exp_show_has_every_experiments_test_metrics(grid: dict) -> None:
@@ -179,12 +196,7 @@ def test_exp_show_has_every_experiments_test_metrics(grid: dict) -> None:
 def test_every_experiment_logged_its_run_to_mlflow(grid: dict) -> None:
     mlflow.set_tracking_uri(grid["env"]["MLFLOW_TRACKING_URI"])
     try:
-        client = MlflowClient()
-        experiment = client.get_experiment_by_name(compose_config().tracking.experiment)
-        assert experiment is not None, "no MLflow experiment: the workers ignored the env"
-        runs = client.search_runs(
-            [experiment.experiment_id], "tags.stage = 'train' and attributes.status = 'FINISHED'"
-        )
+        runs = _finished_train_runs(grid["env"])
         combos = {
             (r.data.params.get("model.name"), r.data.params.get("data.image_size"))
             for r in runs

@@ -129,7 +129,10 @@ def test_killed_workers_trials_are_failed_on_the_next_start(tmp_path: Path,
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     for number in orphaned:
         run = client.get_run(trials[number].user_attrs["mlflow_run_id"])
-        assert run.info.status == "KILLED" and run.data.tags["optuna.reason"] == "orphaned"
+        # FINISHED only when the kill fell between the run's end and Optuna's record of it.
+        assert run.info.status in ("KILLED", "FINISHED"), run.info.status
+        assert run.data.tags["optuna.state"] == "FAIL"
+        assert run.data.tags["optuna.reason"] == "orphaned"
 
 
 def test_worker_threads_share_the_cores_and_bad_counts_fail() -> None:

@@ -366,8 +366,10 @@ def fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStora
 
 
 def _close_orphaned_runs(trial: FrozenTrial) -> None:
-    """The dead trial's MLflow run is marked KILLED; so is its parent run when the process that
-    opened it (the command that started the worker) is gone too, not while it still runs."""
+    """The dead trial's MLflow run is tagged as Optuna now records it (FAIL, orphaned) and marked
+    KILLED if still open (a worker killed between ending the run and telling Optuna leaves it
+    FINISHED); its parent run is closed too when the process that opened it (the command that
+    started the worker) is gone, not while it still runs."""
     client = MlflowClient()
     for key in ("mlflow_run_id", "mlflow_parent_run_id"):
         run_id = trial.user_attrs.get(key)
@@ -376,10 +378,10 @@ def _close_orphaned_runs(trial: FrozenTrial) -> None:
         if key == "mlflow_parent_run_id" and not is_dead_here(trial.user_attrs.get("parent")):
             continue
         try:
+            if key == "mlflow_run_id":
+                client.set_tag(run_id, "optuna.state", "FAIL")
+                client.set_tag(run_id, "optuna.reason", "orphaned")
             if client.get_run(run_id).info.status == "RUNNING":
-                if key == "mlflow_run_id":
-                    client.set_tag(run_id, "optuna.state", "FAIL")
-                    client.set_tag(run_id, "optuna.reason", "orphaned")
                 client.set_terminated(run_id, "KILLED")
         except mlflow.exceptions.MlflowException:
             pass  # the run lives in another tracking store: nothing to close here
