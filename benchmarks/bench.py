@@ -45,8 +45,11 @@ def training_throughput(cfg: DictConfig, model_name: str, steps: int) -> float:
     model = build(model_cfg, cfg.data.image_size, n_classes)
     set_backbone_trainable(model, True)
     compile_model(model, t, n_classes, steps)
-    batches = list(make_dataset(x[:n], y[:n], n_classes, t.batch_size,
-                                augmentation(t.augment, cfg.seed), cfg.seed))
+    batches = list(
+        make_dataset(
+            x[:n], y[:n], n_classes, t.batch_size, augmentation(t.augment, cfg.seed), cfg.seed
+        )
+    )
     for images, labels in batches[:3]:  # tracing and first-step allocations
         model.train_on_batch(images, labels)
     start = time.perf_counter()
@@ -104,8 +107,13 @@ def last_training_run(cfg: DictConfig) -> dict[str, float]:
         return {}
     tracking.setup(cfg)
     run = mlflow.get_run(json.loads(path.read_text())["mlflow_run_id"])
-    keys = ("peak_rss_mb", "train_images_per_second", "train_seconds", "test_accuracy",
-            "test_macro_f1")
+    keys = (
+        "peak_rss_mb",
+        "train_images_per_second",
+        "train_seconds",
+        "test_accuracy",
+        "test_macro_f1",
+    )
     return {k: run.data.metrics[k] for k in keys if k in run.data.metrics}
 
 
@@ -122,19 +130,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50, help="single-face requests timed")
     args = parser.parse_args()
     cfg = load()
-    print(f"machine: {os.cpu_count()} CPU cores; profile {cfg.profile}; "
-          f"input {cfg.data.image_size}px; batch {cfg.train.batch_size}")
+    print(
+        f"machine: {os.cpu_count()} CPU cores; profile {cfg.profile}; "
+        f"input {cfg.data.image_size}px; batch {cfg.train.batch_size}"
+    )
 
     default = training_throughput(cfg, cfg.model.name, args.steps)
     seed = training_throughput(cfg, "seed_cnn", args.steps)
-    print(f"training images/s: {cfg.model.name} {default:.1f}, seed_cnn {seed:.1f}, "
-          f"ratio {default / seed:.2f}x")
+    print(
+        f"training images/s: {cfg.model.name} {default:.1f}, seed_cnn {seed:.1f}, "
+        f"ratio {default / seed:.2f}x"
+    )
 
     x, _ = load_split(cfg.data.prepared_dir, "test")
     served = served_model_figures(args.model_uri, jpeg_bytes(x[:64]), args.repeats)
-    print(f"served model ({args.model_uri}): one face p50 {served['latency_p50_ms']:.1f} ms, "
-          f"p95 {served['latency_p95_ms']:.1f} ms; batch 64: "
-          f"{served['batch64_faces_per_s']:.0f} faces/s; size {served['served_model_mb']:.1f} MB")
+    print(
+        f"served model ({args.model_uri}): one face p50 {served['latency_p50_ms']:.1f} ms, "
+        f"p95 {served['latency_p95_ms']:.1f} ms; batch 64: "
+        f"{served['batch64_faces_per_s']:.0f} faces/s; size {served['served_model_mb']:.1f} MB"
+    )
     keras_file = Path(cfg.train.model_dir) / "model.keras"
     if keras_file.exists():
         print(f"models/model.keras: {keras_file.stat().st_size / 1e6:.1f} MB")
@@ -143,10 +157,23 @@ def main() -> None:
         print(f"last training run: {key} = {value:.4g}")
     times = stage_times(cfg)
     if times:
-        print("stage wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
-              + f"; total {sum(times.values()):.0f}")
-    print(json.dumps({"train_ips_default": default, "train_ips_seed_cnn": seed, **served,
-                      "stages": times, "config": OmegaConf.to_container(cfg.train)}, default=str))
+        print(
+            "stage wall time (s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+            + f"; total {sum(times.values()):.0f}"
+        )
+    print(
+        json.dumps(
+            {
+                "train_ips_default": default,
+                "train_ips_seed_cnn": seed,
+                **served,
+                "stages": times,
+                "config": OmegaConf.to_container(cfg.train),
+            },
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     mlflow.set_tracking_uri(None)
 
 
-def smoke_config(workdir: Path, data_root: Path,
-                 overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+def smoke_config(
+    workdir: Path, data_root: Path, overrides: list[str] | tuple[str, ...] = ()
+) -> DictConfig:
     """Smoke config whose every output path lies under `workdir` (inputs stay absolute)."""
     cfg = compose_config(overrides)
     cfg.data.root = str(data_root)

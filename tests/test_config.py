@@ -11,8 +11,9 @@ from tests.conftest import ROOT, compose_config
 
 
 def test_committed_params_match_conf() -> None:
-    result = subprocess.run(["soundmood", "params", "--check"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["soundmood", "params", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -49,11 +50,14 @@ def test_load_applies_overrides_and_rejects_unknown_keys() -> None:
         load(["train.epochz=3"], ROOT)
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("train.lr=-0.1", "train.lr"),
-    ("model.name=resnet9000", "model.name"),
-    ("data.image_size=8", "data.image_size"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.lr=-0.1", "train.lr"),
+        ("model.name=resnet9000", "model.name"),
+        ("data.image_size=8", "data.image_size"),
+    ],
+)
 def test_bad_values_fail_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load([override], ROOT)

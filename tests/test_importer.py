@@ -28,15 +28,21 @@ PER_CLASS = {"train": 2, "test": 1}
 
 def _real_images(data_root: Path) -> dict[tuple[str, str], list[Path]]:
     """A few real JPEGs of every class and split."""
-    return {(split, c): sorted((data_root / split / c).iterdir())[:n]
-            for split, n in PER_CLASS.items() for c in LABEL_OF}
+    return {
+        (split, c): sorted((data_root / split / c).iterdir())[:n]
+        for split, n in PER_CLASS.items()
+        for c in LABEL_OF
+    }
 
 
 def _dropped_extras(data_root: Path) -> list[tuple[str, str, int, Path]]:
     """Fear (2) and disgust (3) images: real JPEG bytes under names of their own."""
     happy = sorted((data_root / "train" / "happy").iterdir())
-    return [("train", "train_90001", 2, happy[10]), ("train", "train_90002", 3, happy[11]),
-            ("test", "test_9001", 3, happy[12])]
+    return [
+        ("train", "train_90001", 2, happy[10]),
+        ("train", "train_90002", 3, happy[11]),
+        ("test", "test_9001", 3, happy[12]),
+    ]
 
 
 def official_tree(base: Path, data_root: Path) -> Path:
@@ -61,10 +67,15 @@ def kaggle_tree(base: Path, data_root: Path) -> Path:
     """The Kaggle copy: DATASET/{train,test}/{1..7}/ and {train,test}_labels.csv."""
     root = base / "kaggle"
     rows: dict[str, list[str]] = {"train": [], "test": []}
-    entries = [(split, LABEL_OF[klass], path.name, path)
-               for (split, klass), paths in _real_images(data_root).items() for path in paths]
-    entries += [(split, label, f"{stem}_aligned.jpg", path)
-                for split, stem, label, path in _dropped_extras(data_root)]
+    entries = [
+        (split, LABEL_OF[klass], path.name, path)
+        for (split, klass), paths in _real_images(data_root).items()
+        for path in paths
+    ]
+    entries += [
+        (split, label, f"{stem}_aligned.jpg", path)
+        for split, stem, label, path in _dropped_extras(data_root)
+    ]
     for split, label, name, path in entries:
         folder = root / "DATASET" / split / str(label)
         folder.mkdir(parents=True, exist_ok=True)
@@ -105,8 +116,12 @@ def project(tmp_path: Path) -> Path:
     (root / "dvc.yaml").write_text("stages: {}\n")
     (root / "conf").symlink_to(ROOT / "conf")
     params = OmegaConf.load(ROOT / "params.yaml")
-    params.data.limits = {"max_image_pixels": 1_000_000, "max_file_bytes": 1 << 20,
-                          "max_archive_bytes": 2 << 20, "max_archive_files": 1000}
+    params.data.limits = {
+        "max_image_pixels": 1_000_000,
+        "max_file_bytes": 1 << 20,
+        "max_archive_bytes": 2 << 20,
+        "max_archive_files": 1000,
+    }
     OmegaConf.save(params, root / "params.yaml")
     return root
 
@@ -122,8 +137,13 @@ def out(tmp_path: Path) -> Path:
     return folder
 
 
-def import_main(project: Path, source: Path, out: Path, monkeypatch: pytest.MonkeyPatch,
-                capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+def import_main(
+    project: Path,
+    source: Path,
+    out: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> tuple[int, str, str]:
     monkeypatch.chdir(project)
     code = cli.main(["import-rafdb", str(source), "--out", str(out)])
     captured = capsys.readouterr()
@@ -138,8 +158,11 @@ def assert_imported(out: Path, printed: str) -> None:
             assert len(files) == n, (split, klass)
             assert all(f.name.endswith("_aligned.jpg") for f in files)
     names = {p.name for p in out.rglob("*.jpg")}
-    assert not names & {"train_90001_aligned.jpg", "train_90002_aligned.jpg",
-                        "test_9001_aligned.jpg"}  # fear and disgust dropped
+    assert not names & {
+        "train_90001_aligned.jpg",
+        "train_90002_aligned.jpg",
+        "test_9001_aligned.jpg",
+    }  # fear and disgust dropped
     rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line}
     assert rows["train"] == ["2"] * 5 + ["10"] and rows["test"] == ["1"] * 5 + ["5"]
     assert "dropped from train (not among data.classes): disgust 1, fear 1" in printed
@@ -150,8 +173,13 @@ def assert_imported(out: Path, printed: str) -> None:
 def test_official_folder_via_the_console_script(tmp_path: Path, data_root: Path) -> None:
     source = official_tree(tmp_path / "download", data_root)
     target = tmp_path / "imported"
-    result = subprocess.run(["soundmood", "import-rafdb", str(source), "--out", str(target)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["soundmood", "import-rafdb", str(source), "--out", str(target)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "official RAF-DB basic layout" in result.stdout
     assert_imported(target, result.stdout)
@@ -162,8 +190,16 @@ def test_official_folder_via_the_console_script(tmp_path: Path, data_root: Path)
 
 @pytest.mark.parametrize("layout", ["official", "kaggle"])
 @pytest.mark.parametrize("as_zip", [False, True], ids=["folder", "zip"])
-def test_import_layouts(layout: str, as_zip: bool, tmp_path: Path, data_root: Path,
-                        project: Path, out: Path, monkeypatch, capsys) -> None:
+def test_import_layouts(
+    layout: str,
+    as_zip: bool,
+    tmp_path: Path,
+    data_root: Path,
+    project: Path,
+    out: Path,
+    monkeypatch,
+    capsys,
+) -> None:
     build = official_tree if layout == "official" else kaggle_tree
     source = build(tmp_path / "download", data_root)
     if as_zip:
@@ -198,10 +234,12 @@ def _kaggle_zip_plus(tmp_path: Path, data_root: Path, extra) -> Path:
     return target
 
 
-@pytest.mark.parametrize("entry", ["../escaped.jpg", "kaggle/DATASET/train/4/../../../../x.jpg",
-                                   "/tmp/absolute.jpg"])
-def test_zip_slip_is_refused(entry: str, tmp_path: Path, data_root: Path, project: Path,
-                             out: Path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize(
+    "entry", ["../escaped.jpg", "kaggle/DATASET/train/4/../../../../x.jpg", "/tmp/absolute.jpg"]
+)
+def test_zip_slip_is_refused(
+    entry: str, tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
     jpeg = next((data_root / "train" / "happy").iterdir()).read_bytes()
     source = _kaggle_zip_plus(tmp_path, data_root, lambda z: z.writestr(entry, jpeg))
     err = _refused(project, source, out, monkeypatch, capsys)
@@ -209,8 +247,9 @@ def test_zip_slip_is_refused(entry: str, tmp_path: Path, data_root: Path, projec
     assert not (tmp_path / "escaped.jpg").exists() and not Path("/tmp/absolute.jpg").exists()
 
 
-def test_symlink_entry_is_refused(tmp_path: Path, data_root: Path, project: Path, out: Path,
-                                  monkeypatch, capsys) -> None:
+def test_symlink_entry_is_refused(
+    tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
     entry = "kaggle/DATASET/train/4/train_99999_aligned.jpg"
     source = kaggle_tree(tmp_path / "download", data_root)
     with open(source / "train_labels.csv", "a") as handle:  # listed like any other image
@@ -224,8 +263,9 @@ def test_symlink_entry_is_refused(tmp_path: Path, data_root: Path, project: Path
     assert f"{entry}: is a symlink; symlinks are never followed" in err
 
 
-def test_symlink_in_a_folder_is_refused(tmp_path: Path, data_root: Path, project: Path,
-                                        out: Path, monkeypatch, capsys) -> None:
+def test_symlink_in_a_folder_is_refused(
+    tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
     source = official_tree(tmp_path / "download", data_root)
     victim = next((source / "Image" / "aligned").glob("train_*_aligned.jpg"))
     secret = tmp_path / "secret.jpg"
@@ -236,20 +276,21 @@ def test_symlink_in_a_folder_is_refused(tmp_path: Path, data_root: Path, project
     assert f"Image/aligned/{victim.name}: is a symlink; symlinks are never followed" in err
 
 
-def test_zip_bomb_over_the_archive_bound_is_refused(tmp_path: Path, data_root: Path,
-                                                    project: Path, out: Path, monkeypatch,
-                                                    capsys) -> None:
+def test_zip_bomb_over_the_archive_bound_is_refused(
+    tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
     # 3 MiB of zeros deflate to ~3 KB; the entries declare more than max_archive_bytes (2 MiB)
-    source = _kaggle_zip_plus(tmp_path, data_root,
-                              lambda z: z.writestr("kaggle/notes.txt", b"\0" * (3 << 20)))
+    source = _kaggle_zip_plus(
+        tmp_path, data_root, lambda z: z.writestr("kaggle/notes.txt", b"\0" * (3 << 20))
+    )
     assert source.stat().st_size < 200_000
     err = _refused(project, source, out, monkeypatch, capsys)
     assert "possible zip bomb" in err and "data.limits.max_archive_bytes (2097152)" in err
 
 
-def test_entry_over_the_file_bound_is_refused_unread(tmp_path: Path, data_root: Path,
-                                                     project: Path, out: Path, monkeypatch,
-                                                     capsys) -> None:
+def test_entry_over_the_file_bound_is_refused_unread(
+    tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
     entry = "kaggle/DATASET/train/4/train_99998_aligned.jpg"
     jpeg = next((data_root / "train" / "happy").iterdir()).read_bytes()
     bomb = jpeg + b"\0" * ((1 << 20) + 10)  # 1 MiB of padding after a real JPEG: over 1 MiB
@@ -265,40 +306,59 @@ def test_entry_over_the_file_bound_is_refused_unread(tmp_path: Path, data_root: 
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG whose IHDR declares width x height RGB and whose one IDAT is tiny."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + \
-            struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + \
-        chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_header(width: int, height: int) -> bytes:
     """A JPEG (SOI, SOF0 declaring width x height, EOI): only the header is real."""
     sof = struct.pack(">BHHB", 8, height, width, 3) + b"".join(
-        struct.pack(">BBB", i, 0x11, 0) for i in (1, 2, 3))
+        struct.pack(">BBB", i, 0x11, 0) for i in (1, 2, 3)
+    )
     return b"\xff\xd8" + b"\xff\xc0" + struct.pack(">H", len(sof) + 2) + sof + b"\xff\xd9"
 
 
-@pytest.mark.parametrize("kind,width,height", [("png", 100_000, 100_000),
-                                               ("jpeg", 60_000, 60_000),
-                                               ("png", 2_000, 2_000)],
-                         ids=["png-1e10", "jpeg-3.6e9", "png-4e6-over-configured"])
-def test_image_declaring_a_huge_size_is_refused(kind: str, width: int, height: int,
-                                                tmp_path: Path, data_root: Path,
-                                                project: Path, out: Path, monkeypatch,
-                                                capsys) -> None:
+@pytest.mark.parametrize(
+    "kind,width,height",
+    [("png", 100_000, 100_000), ("jpeg", 60_000, 60_000), ("png", 2_000, 2_000)],
+    ids=["png-1e10", "jpeg-3.6e9", "png-4e6-over-configured"],
+)
+def test_image_declaring_a_huge_size_is_refused(
+    kind: str,
+    width: int,
+    height: int,
+    tmp_path: Path,
+    data_root: Path,
+    project: Path,
+    out: Path,
+    monkeypatch,
+    capsys,
+) -> None:
     source = official_tree(tmp_path / "download", data_root)
     victim = sorted((source / "Image" / "aligned").glob("test_*_aligned.jpg"))[0]
-    victim.write_bytes(_png_header(width, height) if kind == "png" else
-                       _jpeg_header(width, height))
+    victim.write_bytes(_png_header(width, height) if kind == "png" else _jpeg_header(width, height))
     err = _refused(project, zip_folder(source, tmp_path / "huge.zip"), out, monkeypatch, capsys)
     assert f"basic/Image/aligned/{victim.name}: declare" in err
     assert "decompression bomb" in err or "refused without decoding" in err
 
 
-def test_every_problem_is_named_at_once(tmp_path: Path, data_root: Path, project: Path,
-                                        out: Path, monkeypatch, capsys) -> None:
+def test_every_problem_is_named_at_once(
+    tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
     source = kaggle_tree(tmp_path / "download", data_root)
     images = sorted((source / "DATASET" / "train" / "4").iterdir())
     images[0].write_bytes(b"this is not a JPEG")
@@ -309,7 +369,8 @@ def test_every_problem_is_named_at_once(tmp_path: Path, data_root: Path, project
     assert "lists test_7777 but test/<label>/ has no such image" in err
     # an image problem is found on the second pass, after the listing problems were fixed
     (source / "test_labels.csv").write_text(
-        "\n".join((source / "test_labels.csv").read_text().splitlines()[:-1]) + "\n")
+        "\n".join((source / "test_labels.csv").read_text().splitlines()[:-1]) + "\n"
+    )
     err = _refused(project, source, out, monkeypatch, capsys)
     assert f"DATASET/train/4/{images[0].name}: not a decodable image" in err
     assert f"DATASET/train/4/{images[1].name}: corrupt or truncated image" in err

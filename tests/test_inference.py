@@ -163,9 +163,13 @@ def test_exif_rotated_jpeg_gives_boxes_in_the_upright_frame(tmp_path: Path) -> N
 
 
 # Frontal RAF-DB test faces that coarse_model() labels differently, each with a margin > 0.8.
-GROUP = ["neutral/test_2512_aligned.jpg", "surprised/test_0994_aligned.jpg",
-         "happy/test_2072_aligned.jpg", "neutral/test_2778_aligned.jpg",
-         "happy/test_2185_aligned.jpg"]
+GROUP = [
+    "neutral/test_2512_aligned.jpg",
+    "surprised/test_0994_aligned.jpg",
+    "happy/test_2072_aligned.jpg",
+    "neutral/test_2778_aligned.jpg",
+    "happy/test_2185_aligned.jpg",
+]
 
 
 def group_photo(crops: list[Path]) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
@@ -186,6 +190,7 @@ def group_photo(crops: list[Path]) -> tuple[Image.Image, list[tuple[int, int, in
 
 def framing_similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Correlation of the two faces' 25x25 greyscale thumbnails (1: same framing)."""
+
     def thumb(x: np.ndarray) -> np.ndarray:
         grey = Image.fromarray(x).convert("L").resize((25, 25), Image.Resampling.BOX)
         flat = np.asarray(grey, dtype=np.float64).ravel()
@@ -196,7 +201,8 @@ def framing_similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_group_photo_finds_every_face_with_the_crop_level_labels(
-        coarse: keras.Model, data_root: Path, cfg) -> None:
+    coarse: keras.Model, data_root: Path, cfg
+) -> None:
     paths = [data_root / "test" / name for name in GROUP]
     crop_labels = classify(coarse, np.stack([load_face(p, SIZE) for p in paths]), True).argmax(1)
     assert len(set(crop_labels)) == len(paths)  # a face given another's label would show
@@ -210,8 +216,10 @@ def test_group_photo_finds_every_face_with_the_crop_level_labels(
     # the crops reproduce the framing of the RAF-DB crops they came from (a crop only 15% looser
     # scores about 0.2 here)
     faces = detect_faces(photo, cfg.inference)
-    similarity = [framing_similarity(f.crop(), np.asarray(Image.open(p).convert("RGB")))
-                  for f, p in zip(faces, paths, strict=True)]
+    similarity = [
+        framing_similarity(f.crop(), np.asarray(Image.open(p).convert("RGB")))
+        for f, p in zip(faces, paths, strict=True)
+    ]
     assert np.mean(similarity) > 0.6, similarity
     areas = np.array([f.box[2] * f.box[3] for f in result.faces])
     probs = np.array([[f.probabilities[c] for c in CLASSES] for f in result.faces])
@@ -249,8 +257,9 @@ def photo_folder(folder: Path, corrupt: bool = True) -> Path:
     return folder
 
 
-def run_predict(args: list[str], monkeypatch: pytest.MonkeyPatch,
-                capsys: pytest.CaptureFixture) -> tuple[int, list[dict], str]:
+def run_predict(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> tuple[int, list[dict], str]:
     from soundmood.cli import main
 
     monkeypatch.chdir(ROOT)  # params.yaml
@@ -260,11 +269,12 @@ def run_predict(args: list[str], monkeypatch: pytest.MonkeyPatch,
 
 
 def test_a_corrupt_file_is_named_and_the_batch_goes_on(
-        tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture) -> None:
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     folder = photo_folder(tmp_path / "photos")
     code, lines, err = run_predict(
-        [str(folder), "--json", "--model", str(models_dir / "coarse.keras")], monkeypatch, capsys)
+        [str(folder), "--json", "--model", str(models_dir / "coarse.keras")], monkeypatch, capsys
+    )
     assert code == 0
     by_name = {Path(line["path"]).name: line for line in lines}
     assert sorted(by_name) == ["astronaut.png", "broken.jpg", "coffee.jpg"]
@@ -277,20 +287,23 @@ def test_a_corrupt_file_is_named_and_the_batch_goes_on(
     (bad / "a.jpg").write_bytes(b"not an image")
     (bad / "b.png").write_bytes(b"")
     code, lines, _ = run_predict(
-        [str(bad), "--json", "--model", str(models_dir / "coarse.keras")], monkeypatch, capsys)
+        [str(bad), "--json", "--model", str(models_dir / "coarse.keras")], monkeypatch, capsys
+    )
     assert code == 2 and len(lines) == 2 and all(line["error"] for line in lines)
 
 
 def test_missing_model_and_empty_folder_exit_2(
-        tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture) -> None:
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     folder = photo_folder(tmp_path / "photos", corrupt=False)
-    code, _, err = run_predict([str(folder), "--model", str(tmp_path / "nope.keras")],
-                               monkeypatch, capsys)
+    code, _, err = run_predict(
+        [str(folder), "--model", str(tmp_path / "nope.keras")], monkeypatch, capsys
+    )
     assert code == 2 and "nope.keras" in err
     (tmp_path / "empty").mkdir()
-    code, _, err = run_predict([str(tmp_path / "empty"), "--model",
-                                str(models_dir / "coarse.keras")], monkeypatch, capsys)
+    code, _, err = run_predict(
+        [str(tmp_path / "empty"), "--model", str(models_dir / "coarse.keras")], monkeypatch, capsys
+    )
     assert code == 2 and "no photos" in err
     with pytest.raises(ModelLoadError):
         load_model("not-a-model-anywhere")
@@ -302,9 +315,24 @@ def test_predict_command_end_to_end(tmp_path: Path, models_dir: Path) -> None:
     out_dir = tmp_path / "annotated"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
-        [sys.executable, "-m", "soundmood.cli", "predict", str(folder), "--json",
-         "--model", str(models_dir / "seed_cnn.keras"), "--annotate", str(out_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "soundmood.cli",
+            "predict",
+            str(folder),
+            "--json",
+            "--model",
+            str(models_dir / "seed_cnn.keras"),
+            "--annotate",
+            str(out_dir),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [Path(line["path"]).name for line in lines] == ["astronaut.png", "coffee.jpg"]
@@ -318,7 +346,7 @@ def test_predict_command_end_to_end(tmp_path: Path, models_dir: Path) -> None:
     original = np.asarray(astronaut(), dtype=np.int16)
     drawn = np.asarray(Image.open(out_dir / "astronaut.png").convert("RGB"), dtype=np.int16)
     x, y, w, _ = face["box"]
-    assert np.abs(drawn[y, x:x + w] - original[y, x:x + w]).sum() > 0  # the box's top edge
+    assert np.abs(drawn[y, x : x + w] - original[y, x : x + w]).sum() > 0  # the box's top edge
 
 
 # --- models from MLflow ----------------------------------------------------------------------
@@ -341,11 +369,11 @@ def test_model_loads_from_mlflow_uris(models_dir: Path, mlflow_uri: str) -> None
     mlflow.set_experiment("inference-test")
     with mlflow.start_run() as run:
         mlflow.keras.log_model(reference, name="keras_flavor")
-        mlflow.pyfunc.log_model(name="pyfunc", python_model=Served(),
-                                artifacts={"keras_model": str(path)})
+        mlflow.pyfunc.log_model(
+            name="pyfunc", python_model=Served(), artifacts={"keras_model": str(path)}
+        )
     version = mlflow.register_model(f"runs:/{run.info.run_id}/pyfunc", "soundmood-test")
-    mlflow.MlflowClient().set_registered_model_alias("soundmood-test", "champion",
-                                                     version.version)
+    mlflow.MlflowClient().set_registered_model_alias("soundmood-test", "champion", version.version)
     for uri in (f"runs:/{run.info.run_id}/keras_flavor", "models:/soundmood-test@champion"):
         model = load_model(uri)
         assert np.allclose(classify(model, x, tta_flip=False), expected, atol=1e-6), uri

@@ -30,7 +30,11 @@ def _copy_checkout(dest: Path) -> None:
     """Tracked and untracked-but-not-ignored files only, as a fresh clone plus local edits."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for rel in filter(None, listed):
         src = ROOT / rel
         if src.is_file():
@@ -49,17 +53,27 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (base / "shared").symlink_to(SHARED)  # ../shared, as beside a real clone
     _copy_checkout(repo)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}"}
-    for args in (["git", "init", "-q"], ["git", "add", "-A"],
-                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
-                 ["soundmood", "params", "profile=smoke"], ["dvc", "pull", "-q", "data.dvc"]):
+    for args in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+        ["soundmood", "params", "profile=smoke"],
+        ["dvc", "pull", "-q", "data.dvc"],
+    ):
         _sh(args, repo, env)
     start = time.perf_counter()
     first = _sh(["dvc", "repro"], repo, env)
     first_seconds = time.perf_counter() - start
     start = time.perf_counter()
     second = _sh(["dvc", "repro"], repo, env)
-    return {"repo": repo, "env": env, "first": first, "first_seconds": first_seconds,
-            "second": second, "second_seconds": time.perf_counter() - start}
+    return {
+        "repo": repo,
+        "env": env,
+        "first": first,
+        "first_seconds": first_seconds,
+        "second": second,
+        "second_seconds": time.perf_counter() - start,
+    }
 
 
 def test_metrics_json_has_flat_test_metrics(pipeline: dict) -> None:
@@ -77,7 +91,8 @@ def test_mlflow_run_has_params_metrics_artifacts_and_model(pipeline: dict) -> No
     mlflow.set_tracking_uri(pipeline["env"]["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
     run_id = json.loads((pipeline["repo"] / "reports" / "train_run.json").read_text())[
-        "mlflow_run_id"]
+        "mlflow_run_id"
+    ]
     run = client.get_run(run_id)
     assert run.data.params["model.name"] == "mobilenet_v2"
     assert run.data.params["profile"] == "smoke"
@@ -88,20 +103,26 @@ def test_mlflow_run_has_params_metrics_artifacts_and_model(pipeline: dict) -> No
     assert run.data.metrics["test_macro_f1"] == pytest.approx(metrics["macro_f1"])
     assert run.data.metrics["test_angry_recall"] == pytest.approx(metrics["angry_recall"])
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
-    assert {"evaluation/confusion.png", "evaluation/confusion.csv",
-            "evaluation/classification_report.json"} <= artifacts
+    assert {
+        "evaluation/confusion.png",
+        "evaluation/confusion.csv",
+        "evaluation/classification_report.json",
+    } <= artifacts
     digests = {d.dataset.digest for d in run.inputs.dataset_inputs}
     assert "e3aa2ebbb86bae659df00b55916f5159" in digests
     model_uri = json.loads((pipeline["repo"] / "reports" / "evaluation.json").read_text())[
-        "model_uri"]
+        "model_uri"
+    ]
     assert mlflow.models.get_model_info(model_uri).signature is not None
 
 
 def test_second_repro_does_nothing(pipeline: dict) -> None:
     out = pipeline["second"].stdout
     assert "Running stage" not in out, out
-    print(f"first repro {pipeline['first_seconds']:.0f}s, no-op repro "
-          f"{pipeline['second_seconds']:.1f}s")
+    print(
+        f"first repro {pipeline['first_seconds']:.0f}s, no-op repro "
+        f"{pipeline['second_seconds']:.1f}s"
+    )
 
 
 def test_no_test_image_in_train_or_val(pipeline: dict) -> None:
@@ -113,8 +134,21 @@ def test_no_test_image_in_train_or_val(pipeline: dict) -> None:
 def test_exp_run_override_reaches_the_stages(pipeline: dict) -> None:
     """DVC's Hydra integration: `-S` composes conf/ with the override into params.yaml."""
     repo, env = pipeline["repo"], pipeline["env"]
-    _sh(["dvc", "exp", "run", "-S", "profile=smoke", "-S", "train.epochs=1",
-         "-S", "tune.enabled=false"], repo, env)
+    _sh(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-S",
+            "profile=smoke",
+            "-S",
+            "train.epochs=1",
+            "-S",
+            "tune.enabled=false",
+        ],
+        repo,
+        env,
+    )
     shown = _sh(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert '"epochs": 1' in shown.replace("'", '"')
     train = json.loads((repo / "reports" / "train.json").read_text())

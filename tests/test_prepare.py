@@ -11,8 +11,9 @@ from soundmood.data.prepare import limit_per_class, load_index, load_split, spli
 def _samples(counts: list[int]) -> list[Sample]:
     from pathlib import Path
 
-    return [Sample(Path(f"{k}_{i}.jpg"), "train", k)
-            for k, n in enumerate(counts) for i in range(n)]
+    return [
+        Sample(Path(f"{k}_{i}.jpg"), "train", k) for k, n in enumerate(counts) for i in range(n)
+    ]
 
 
 def test_split_is_stratified_and_seeded() -> None:
@@ -21,8 +22,11 @@ def test_split_is_stratified_and_seeded() -> None:
     train, val = split_train_val(samples, hashes, 0.15, seed=42)
     assert not set(train) & set(val) and len(train) + len(val) == len(samples)
     val_counts = np.bincount([samples[i].label for i in val])
-    assert np.allclose(val_counts / len(val), [70 / 1126, 477 / 1126, 252 / 1126, 198 / 1126,
-                                               129 / 1126], atol=0.01)
+    assert np.allclose(
+        val_counts / len(val),
+        [70 / 1126, 477 / 1126, 252 / 1126, 198 / 1126, 129 / 1126],
+        atol=0.01,
+    )
     assert split_train_val(samples, hashes, 0.15, seed=42) == (train, val)
     assert split_train_val(samples, hashes, 0.15, seed=7)[1] != val
 

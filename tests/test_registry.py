@@ -19,8 +19,9 @@ from tests.conftest import compose_config
 from tests.test_serving import build_tiny_model, log_in_run, tiny_config
 
 CLASSES = ("angry", "happy", "neutral", "sad", "surprised")
-RULES = OmegaConf.create({"min_improvement": 0.01, "min_class_recall": 0.5,
-                          "min_condition_accuracy": 0.6})
+RULES = OmegaConf.create(
+    {"min_improvement": 0.01, "min_class_recall": 0.5, "min_condition_accuracy": 0.6}
+)
 CONDITIONS = ("grey", "dark", "loose_crop")
 
 
@@ -30,11 +31,22 @@ def robust_tags(accuracy: float | dict) -> dict[str, str]:
     return {f"robust_{name}_accuracy": str(value) for name, value in accuracies.items()}
 
 
-def facts(version: int, macro_f1: float, recall: float | dict = 0.6, data: str = "md5-a",
-          test_images: int | None = 500, robust: float | dict = 0.7) -> Facts:
+def facts(
+    version: int,
+    macro_f1: float,
+    recall: float | dict = 0.6,
+    data: str = "md5-a",
+    test_images: int | None = 500,
+    robust: float | dict = 0.7,
+) -> Facts:
     recalls = recall if isinstance(recall, dict) else dict.fromkeys(CLASSES, recall)
-    tags = {Tag.DATA_MD5: data, "test_macro_f1": str(macro_f1), "test_accuracy": "0.7",
-            **{f"test_{c}_recall": str(v) for c, v in recalls.items()}, **robust_tags(robust)}
+    tags = {
+        Tag.DATA_MD5: data,
+        "test_macro_f1": str(macro_f1),
+        "test_accuracy": "0.7",
+        **{f"test_{c}_recall": str(v) for c, v in recalls.items()},
+        **robust_tags(robust),
+    }
     if test_images is not None:
         tags[Tag.TEST_IMAGES] = str(test_images)
     return Facts.from_tags(version, tags)
@@ -91,15 +103,17 @@ def test_every_failed_rule_is_reported_and_rules_are_extensible():
 
 
 def test_a_capture_condition_below_the_floor_refuses_and_is_named():
-    decision = gate(facts(1, 0.9, robust={"grey": 0.8, "dark": 0.41, "loose_crop": 0.75}), None,
-                    RULES)
+    decision = gate(
+        facts(1, 0.9, robust={"grey": 0.8, "dark": 0.41, "loose_crop": 0.75}), None, RULES
+    )
     assert not decision.promote
     assert "dark 0.4100" in decision.reason and "min_condition_accuracy" in decision.reason
     assert "grey" not in decision.reason
     passed = gate(facts(1, 0.9, robust=0.65), None, RULES)
     assert passed.promote and "worst: " in passed.reason
-    unmeasured = Facts.from_tags(1, {k: v for k, v in facts(1, 0.9).tags.items()
-                                     if not k.startswith("robust_")})
+    unmeasured = Facts.from_tags(
+        1, {k: v for k, v in facts(1, 0.9).tags.items() if not k.startswith("robust_")}
+    )
     assert not gate(unmeasured, None, RULES).promote  # a floor needs figures to check
     off = OmegaConf.merge(RULES, {"min_condition_accuracy": 0.0})
     assert gate(unmeasured, None, off).promote
@@ -114,8 +128,9 @@ def test_the_champion_is_never_its_own_candidate():
 
 
 @pytest.fixture
-def cfg(mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        data_root: Path) -> DictConfig:
+def cfg(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_root: Path
+) -> DictConfig:
     monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) go under tmp_path
     config = tiny_config()
     config.registry.min_improvement = 0.01
@@ -127,21 +142,34 @@ def keras_model():
     return build_tiny_model()
 
 
-def add_version(cfg: DictConfig, model, macro_f1: float, recall: float = 0.6,
-                data: str = "md5-a", robust: float = 0.7) -> str:
+def add_version(
+    cfg: DictConfig,
+    model,
+    macro_f1: float,
+    recall: float = 0.6,
+    data: str = "md5-a",
+    robust: float = 0.7,
+) -> str:
     """A real run with the served model logged as evaluate logs it, registered with these test
     metrics (the model is the same tiny network; the gate reads only the tags)."""
     run_id, uri = log_in_run(model, cfg)
-    metrics = {"accuracy": macro_f1 + 0.05, "macro_f1": macro_f1,
-               **{f"{c}_recall": recall for c in cfg.data.classes}}
+    metrics = {
+        "accuracy": macro_f1 + 0.05,
+        "macro_f1": macro_f1,
+        **{f"{c}_recall": recall for c in cfg.data.classes},
+    }
     robust_metrics = {f"robust_{name}_accuracy": robust for name in CONDITIONS}
     tags = registry.version_tags(cfg, run_id, metrics, data, 250, robust_metrics)
     return str(registry.register(cfg, uri, run_id, tags).version)
 
 
 def aliases(cfg: DictConfig) -> dict[str, str]:
-    return {alias: str(version) for alias, version in
-            mlflow.MlflowClient().get_registered_model(cfg.registry.model_name).aliases.items()}
+    return {
+        alias: str(version)
+        for alias, version in mlflow.MlflowClient()
+        .get_registered_model(cfg.registry.model_name)
+        .aliases.items()
+    }
 
 
 def tags_of(cfg: DictConfig, version: str) -> dict[str, str]:
@@ -152,8 +180,15 @@ def test_versions_are_promoted_refused_and_rolled_back(cfg, keras_model):
     v1 = add_version(cfg, keras_model, 0.50)
     mv = mlflow.MlflowClient().get_model_version(cfg.registry.model_name, v1)
     assert mv.run_id and mv.tags[Tag.RUN_ID] == mv.run_id  # linked to its run
-    assert {Tag.GIT_COMMIT, Tag.DATA_MD5, Tag.CONFIG_HASH, Tag.PROFILE, Tag.MODEL_NAME,
-            "test_macro_f1", "test_sad_recall"} <= set(mv.tags)
+    assert {
+        Tag.GIT_COMMIT,
+        Tag.DATA_MD5,
+        Tag.CONFIG_HASH,
+        Tag.PROFILE,
+        Tag.MODEL_NAME,
+        "test_macro_f1",
+        "test_sad_recall",
+    } <= set(mv.tags)
     assert "Test macro-F1 0.5000" in mv.description
     assert aliases(cfg) == {CHALLENGER: v1}
     assert registry.promote(cfg, v1).promote
@@ -207,8 +242,9 @@ def test_other_test_data_is_refused_until_forced_with_a_reason(cfg, keras_model,
     assert "champion" in table and "challenger" not in table and "md5-b" in table
 
 
-def test_register_stage_after_a_real_evaluate(prepared_smoke: DictConfig, mlflow_uri: str,
-                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_register_stage_after_a_real_evaluate(
+    prepared_smoke: DictConfig, mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """evaluate scores a real (untrained) model on the prepared test split and logs the served
     model; register makes it version 1 / challenger and runs the gate, whose refusal (an
     untrained model misses the recall floor) is reported, not raised."""
@@ -243,8 +279,9 @@ def test_register_stage_after_a_real_evaluate(prepared_smoke: DictConfig, mlflow
     tags = tags_of(cfg, "1")
     index = json.loads((Path(cfg.data.prepared_dir) / "index.json").read_text())
     assert tags[Tag.DATA_MD5] == index["data_version"] != "unversioned"
-    assert tags[Tag.TEST_IMAGES] == str(json.loads((reports / "evaluation.json")
-                                                   .read_text())["test_images"])
+    assert tags[Tag.TEST_IMAGES] == str(
+        json.loads((reports / "evaluation.json").read_text())["test_images"]
+    )
     metrics = json.loads((reports / "metrics.json").read_text())
     assert float(tags["test_macro_f1"]) == metrics["macro_f1"]
 

@@ -28,8 +28,9 @@ def configured() -> dict[str, robustness.Condition]:
 
 def faces(data_root: Path, size: int, per_class: int = 2) -> np.ndarray:
     """Real test faces, decoded exactly as training decodes them."""
-    paths = [p for name in CLASSES
-             for p in sorted((data_root / "test" / name).glob("*.jpg"))[:per_class]]
+    paths = [
+        p for name in CLASSES for p in sorted((data_root / "test" / name).glob("*.jpg"))[:per_class]
+    ]
     return np.stack([load_face(p, size) for p in paths])
 
 
@@ -39,10 +40,12 @@ def condition(name: str) -> robustness.Condition:
 
 # --- every configured transform ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(compose_config().evaluate.conditions))
 @pytest.mark.parametrize("size", [64, 100])
 def test_condition_is_deterministic_keeps_size_and_changes_the_face(
-        name: str, size: int, data_root: Path) -> None:
+    name: str, size: int, data_root: Path
+) -> None:
     x = faces(data_root, size)
     first, again = condition(name).apply(x, seed=0), condition(name).apply(x.copy(), seed=0)
     assert first.dtype == np.uint8 and first.shape == x.shape
@@ -64,16 +67,18 @@ def _bilinear_upsampler(low: int, side: int) -> np.ndarray:
     for i in range(low):
         row = np.zeros((low, low), np.float32)
         row[i] = 1.0
-        up[:, i] = np.asarray(Image.fromarray(row, "F").resize(
-            (side, side), Image.Resampling.BILINEAR))[:, 0]
+        up[:, i] = np.asarray(
+            Image.fromarray(row, "F").resize((side, side), Image.Resampling.BILINEAR)
+        )[:, 0]
     return up
 
 
 def _residual_outside_low_size(img: np.ndarray, up: np.ndarray) -> np.ndarray:
     """What of `img` no low-size image upsampled bilinearly can reproduce (least squares)."""
     project = up @ np.linalg.pinv(up)
-    return np.stack([img[..., c] - project @ img[..., c].astype(float) @ project.T
-                     for c in range(3)], axis=-1)
+    return np.stack(
+        [img[..., c] - project @ img[..., c].astype(float) @ project.T for c in range(3)], axis=-1
+    )
 
 
 @pytest.mark.parametrize("size", [64, 96, 100])
@@ -124,8 +129,10 @@ def _best_integer_shift(moved: np.ndarray, original: np.ndarray, reach: int) -> 
     side = original.shape[0]
     inner = (slice(reach, side - reach), slice(reach, side - reach))
     candidates = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)]
-    errors = [np.abs(moved[inner].astype(int)
-                     - np.roll(original, (dy, dx), (0, 1))[inner]).mean() for dy, dx in candidates]
+    errors = [
+        np.abs(moved[inner].astype(int) - np.roll(original, (dy, dx), (0, 1))[inner]).mean()
+        for dy, dx in candidates
+    ]
     return candidates[int(np.argmin(errors))]
 
 
@@ -148,11 +155,19 @@ def test_loose_crop_shrinks_the_face_into_the_centre(data_root: Path) -> None:
     # At 96 px the 75% face is 72 px, 12 px in: exactly the original downscaled to 72 px.
     side, inner = 96, round(96 * cond.params["face_fraction"])
     start = (side - inner) // 2
-    centre = out[:, start:start + inner, start:start + inner].astype(int)
-    downscaled = np.stack([np.asarray(Image.fromarray(img).resize(
-        (inner, inner), Image.Resampling.BILINEAR, reducing_gap=None)) for img in x])
+    centre = out[:, start : start + inner, start : start + inner].astype(int)
+    downscaled = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(img).resize(
+                    (inner, inner), Image.Resampling.BILINEAR, reducing_gap=None
+                )
+            )
+            for img in x
+        ]
+    )
     assert np.abs(centre - downscaled).mean() < 1.0
-    assert np.abs(centre - x[:, start:start + inner, start:start + inner]).mean() > 20
+    assert np.abs(centre - x[:, start : start + inner, start : start + inner]).mean() > 20
 
 
 def test_tight_crop_enlarges_the_centre(data_root: Path) -> None:
@@ -162,25 +177,34 @@ def test_tight_crop_enlarges_the_centre(data_root: Path) -> None:
     keep = round(100 * cond.params["keep"])
     start = (100 - keep) // 2
     back = np.stack([np.asarray(Image.fromarray(img).resize((keep, keep))) for img in out])
-    centre = x[:, start:start + keep, start:start + keep]
+    centre = x[:, start : start + keep, start : start + keep]
     assert np.abs(back.astype(int) - centre).mean() < 4  # the centre, up to two resamplings
     assert np.abs(out.astype(int) - x).mean() > 20
 
 
 # --- configuration -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("conditions", "key"), [
-    ({"blur": {"sigma": 2}}, "evaluate.conditions.blur: unknown condition 'blur'"),
-    ({"jpeg": {"quality": 0}}, "evaluate.conditions.jpeg.quality: 0 is outside"),
-    ({"jpeg": {"quality": "low"}}, "evaluate.conditions.jpeg.quality: 'low' is not a number"),
-    ({"jpeg": {"quality": 30.5}}, "evaluate.conditions.jpeg.quality: 30.5 is not an integer"),
-    ({"jpeg": {}}, "evaluate.conditions.jpeg.quality: missing"),
-    ({"rotate": {"degrees": 15, "axis": 1}}, "evaluate.conditions.rotate.axis: unknown parameter"),
-    ({"dark": {"gamma": 2.2, "brightness": 1.5}}, "evaluate.conditions.dark.brightness"),
-    ({"jpeg_q5": {"transform": "jepg", "quality": 5}}, "evaluate.conditions.jpeg_q5: unknown "
-                                                       "condition 'jepg'"),
-    ({"clean": {}}, "evaluate.conditions.clean: condition name"),
-])
+
+@pytest.mark.parametrize(
+    ("conditions", "key"),
+    [
+        ({"blur": {"sigma": 2}}, "evaluate.conditions.blur: unknown condition 'blur'"),
+        ({"jpeg": {"quality": 0}}, "evaluate.conditions.jpeg.quality: 0 is outside"),
+        ({"jpeg": {"quality": "low"}}, "evaluate.conditions.jpeg.quality: 'low' is not a number"),
+        ({"jpeg": {"quality": 30.5}}, "evaluate.conditions.jpeg.quality: 30.5 is not an integer"),
+        ({"jpeg": {}}, "evaluate.conditions.jpeg.quality: missing"),
+        (
+            {"rotate": {"degrees": 15, "axis": 1}},
+            "evaluate.conditions.rotate.axis: unknown parameter",
+        ),
+        ({"dark": {"gamma": 2.2, "brightness": 1.5}}, "evaluate.conditions.dark.brightness"),
+        (
+            {"jpeg_q5": {"transform": "jepg", "quality": 5}},
+            "evaluate.conditions.jpeg_q5: unknown condition 'jepg'",
+        ),
+        ({"clean": {}}, "evaluate.conditions.clean: condition name"),
+    ],
+)
 def test_bad_condition_or_parameter_is_named(conditions: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")):
         robustness.parse_conditions(conditions)
@@ -206,8 +230,10 @@ def test_bad_condition_fails_before_any_work(prepared_smoke) -> None:
 
 # --- evaluation of a real model, reports and MLflow ----------------------------------------------
 
-def test_evaluation_writes_and_logs_every_condition(prepared_smoke, mlflow_uri: str,
-                                                    tmp_path: Path) -> None:
+
+def test_evaluation_writes_and_logs_every_condition(
+    prepared_smoke, mlflow_uri: str, tmp_path: Path
+) -> None:
     import mlflow
     from sklearn.metrics import recall_score
 
@@ -217,8 +243,9 @@ def test_evaluation_writes_and_logs_every_condition(prepared_smoke, mlflow_uri: 
 
     cfg = prepared_smoke.copy()
     configure_tensorflow(cfg.train.threads, cfg.seed)
-    model = build(compose_config(["model=seed_cnn"]).model, cfg.data.image_size,
-                  len(cfg.data.classes))
+    model = build(
+        compose_config(["model=seed_cnn"]).model, cfg.data.image_size, len(cfg.data.classes)
+    )
     x, y = load_split(cfg.data.prepared_dir, "val")  # 30 faces: 10 passes of them stay quick
     result = robustness.evaluate_conditions(model, x, y, cfg)
 
@@ -227,10 +254,12 @@ def test_evaluation_writes_and_logs_every_condition(prepared_smoke, mlflow_uri: 
     clean = predict_proba(model, x, cfg.evaluate.batch_size, cfg.evaluate.tta_flip).argmax(1)
     assert result["clean"]["accuracy"] == pytest.approx((clean == y).mean(), abs=1e-4)
     reused = robustness.evaluate_conditions(model, x, y, cfg, clean_pred=clean)
-    assert {k: v for k, v in reused.items() if k != "seconds"} == \
-        {k: v for k, v in result.items() if k != "seconds"}  # deterministic end to end
-    recalls = recall_score(y, clean, labels=range(len(cfg.data.classes)), average=None,
-                           zero_division=0)
+    assert {k: v for k, v in reused.items() if k != "seconds"} == {
+        k: v for k, v in result.items() if k != "seconds"
+    }  # deterministic end to end
+    recalls = recall_score(
+        y, clean, labels=range(len(cfg.data.classes)), average=None, zero_division=0
+    )
     assert result["clean"]["min_recall"] == pytest.approx(recalls.min(), abs=1e-4)
     assert result["clean"]["min_recall_class"] == cfg.data.classes[int(recalls.argmin())]
     for scores in result["conditions"].values():
@@ -256,25 +285,37 @@ def test_evaluation_writes_and_logs_every_condition(prepared_smoke, mlflow_uri: 
     for name in names:
         for stat in ("accuracy", "macro_f1", "min_recall"):
             assert logged[f"robust_{name}_{stat}"] == pytest.approx(
-                result["conditions"][name][stat])
+                result["conditions"][name][stat]
+            )
     assert logged["robust_worst_accuracy"] == pytest.approx(result["worst_accuracy"])
     assert logged["robust_mean_drop"] == pytest.approx(result["mean_drop"])
-    artifacts = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(
-        run.info.run_id, "robustness")}
+    artifacts = {
+        Path(a.path).name
+        for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "robustness")
+    }
     assert artifacts == {"robustness.json", "robustness.csv", "robustness.png"}
     # The gate reads the same figures back from the run.
     assert robustness.condition_accuracies(logged) == {
-        n: result["conditions"][n]["accuracy"] for n in names}
+        n: result["conditions"][n]["accuracy"] for n in names
+    }
 
 
 # --- promotion floor -----------------------------------------------------------------------------
 
+
 def _result(accuracies: dict[str, float]) -> dict:
-    scores = {n: {"accuracy": a, "macro_f1": a, "min_recall": a / 2, "min_recall_class": "sad"}
-              for n, a in accuracies.items()}
+    scores = {
+        n: {"accuracy": a, "macro_f1": a, "min_recall": a / 2, "min_recall_class": "sad"}
+        for n, a in accuracies.items()
+    }
     clean = {"accuracy": 0.85, "macro_f1": 0.8, "min_recall": 0.6, "min_recall_class": "angry"}
-    return {"images": 100, "seconds": 1.0, "clean": clean, "conditions": scores,
-            **robustness.summarise(clean, scores)}
+    return {
+        "images": 100,
+        "seconds": 1.0,
+        "clean": clean,
+        "conditions": scores,
+        **robustness.summarise(clean, scores),
+    }
 
 
 def test_condition_floor_refuses_below_and_names_the_condition() -> None:
@@ -317,12 +358,20 @@ def test_capture_augmentation_runs_in_the_batched_training_map(prepared_smoke) -
 
     x, y = load_split(prepared_smoke.data.prepared_dir, "train")
     x, y = x[:48], y[:48]
-    always = {"greyscale": 1.0, "downsample": {"probability": 1.0},
-              "jpeg": {"probability": 1.0}, "gamma": {"probability": 1.0}}
+    always = {
+        "greyscale": 1.0,
+        "downsample": {"probability": 1.0},
+        "jpeg": {"probability": 1.0},
+        "gamma": {"probability": 1.0},
+    }
     aug = _augment(always)
     layers = robustness.augmentation_layers(aug, seed=7)
     assert [layer.name for layer in layers] == [
-        "random_gamma", "random_greyscale", "random_downsample", "random_jpeg"]
+        "random_gamma",
+        "random_greyscale",
+        "random_downsample",
+        "random_jpeg",
+    ]
     pipeline = train.augmentation(aug, 7)  # train's own pipeline ends with the same layers
     assert [layer.name for layer in pipeline.layers[-4:]] == [layer.name for layer in layers]
     batches = list(train.make_dataset(x, y, 5, 16, pipeline, seed=7))
@@ -352,19 +401,26 @@ def _detail(images: np.ndarray) -> float:
 def test_capture_augmentation_off_when_absent_or_zero() -> None:
     base = {k: v for k, v in compose_config().train.augment.items() if k not in CAPTURE_AUGMENT}
     assert robustness.augmentation_layers(base, seed=0) == []
-    off = {"greyscale": 0.0, "downsample": None, "jpeg": {"probability": 0.0},
-           "gamma": {"probability": 0}}
+    off = {
+        "greyscale": 0.0,
+        "downsample": None,
+        "jpeg": {"probability": 0.0},
+        "gamma": {"probability": 0},
+    }
     assert robustness.augmentation_layers(_augment(off), seed=0) == []
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    ({"greyscale": 1.5}, "train.augment.greyscale"),
-    ({"jpeg": {"min_quality": 0}}, "train.augment.jpeg.min_quality"),
-    ({"jpeg": {"min_quality": 90, "max_quality": 30}}, "train.augment.jpeg.min_quality"),
-    ({"downsample": {"min_fraction": 0}}, "train.augment.downsample.min_fraction"),
-    ({"gamma": {"max_gamma": 0.5}}, "train.augment.gamma.max_gamma"),
-    ({"gamma": {"strength": 1}}, "train.augment.gamma.strength"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"greyscale": 1.5}, "train.augment.greyscale"),
+        ({"jpeg": {"min_quality": 0}}, "train.augment.jpeg.min_quality"),
+        ({"jpeg": {"min_quality": 90, "max_quality": 30}}, "train.augment.jpeg.min_quality"),
+        ({"downsample": {"min_fraction": 0}}, "train.augment.downsample.min_fraction"),
+        ({"gamma": {"max_gamma": 0.5}}, "train.augment.gamma.max_gamma"),
+        ({"gamma": {"strength": 1}}, "train.augment.gamma.strength"),
+    ],
+)
 def test_bad_augment_value_is_named(overrides: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         robustness.augmentation_layers(_augment(overrides), seed=0)

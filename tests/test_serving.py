@@ -78,8 +78,7 @@ def log_in_run(model, cfg: DictConfig) -> tuple[str, str]:
 def champion_store(model, cfg: DictConfig) -> str:
     """Log, register and promote one version; returns its models:/ URI."""
     run_id, uri = log_in_run(model, cfg)
-    metrics = {"accuracy": 0.6, "macro_f1": 0.6,
-               **{f"{c}_recall": 0.6 for c in cfg.data.classes}}
+    metrics = {"accuracy": 0.6, "macro_f1": 0.6, **{f"{c}_recall": 0.6 for c in cfg.data.classes}}
     robust = {f"robust_{name}_accuracy": 0.6 for name in cfg.evaluate.conditions}
     tags = registry.version_tags(cfg, run_id, metrics, "md5-serving-test", 10, robust)
     mv = registry.register(cfg, uri, run_id, tags)
@@ -88,8 +87,9 @@ def champion_store(model, cfg: DictConfig) -> str:
 
 
 @pytest.fixture
-def store(mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-          data_root: Path) -> Path:
+def store(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_root: Path
+) -> Path:
     monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) go under tmp_path
     return tmp_path
 
@@ -150,8 +150,9 @@ def test_detect_faces_option_classifies_detected_faces(store, keras_model):
     blank = encode_png(np.full((120, 120, 3), 128, np.uint8))
     buffer = io.BytesIO()
     photo.save(buffer, format="JPEG", quality=95)
-    out = model.predict(pd.DataFrame({"image": [buffer.getvalue(), blank]}),
-                        params={"detect_faces": True})
+    out = model.predict(
+        pd.DataFrame({"image": [buffer.getvalue(), blank]}), params={"detect_faces": True}
+    )
     assert list(out["faces"]) == [1, 0]
     np.testing.assert_allclose(out[list(cfg.data.classes)].sum(axis=1), 1.0, atol=1e-5)
     plain = model.predict(pd.DataFrame({"image": [blank]}))
@@ -178,8 +179,14 @@ def test_served_model_loads_without_this_repository_on_the_path(store, keras_mod
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["module"].startswith(str(local)), answer["module"]
@@ -197,8 +204,7 @@ def free_port() -> int:
 
 def http(url: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, str]:
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode()
@@ -213,13 +219,34 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = cwd / "server.log"
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-                 "--env-manager", "local", "-p", str(self.port), "-h", "127.0.0.1"],
-                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "models",
+                    "serve",
+                    "-m",
+                    model_uri,
+                    "--env-manager",
+                    "local",
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    "127.0.0.1",
+                ],
+                cwd=cwd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def wait_ready(self, limit_s: float) -> None:
         deadline = time.monotonic() + limit_s
@@ -263,8 +290,12 @@ def test_champion_is_served_over_http_and_bad_input_gets_a_400(store, keras_mode
         assert sum(row[c] for c in cfg.data.classes) == pytest.approx(1.0, abs=1e-5)
         assert row["label"] in cfg.data.classes
 
-        split = {"dataframe_split": {"columns": ["image"],
-                                     "data": [[b64(raf_jpeg())], [b64(raf_jpeg("angry"))]]}}
+        split = {
+            "dataframe_split": {
+                "columns": ["image"],
+                "data": [[b64(raf_jpeg())], [b64(raf_jpeg("angry"))]],
+            }
+        }
         status, body = server.invoke(split)
         assert status == 200 and len(json.loads(body)["predictions"]) == 2, body
 

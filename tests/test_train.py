@@ -28,19 +28,28 @@ EPOCHS, WARMUP = 3, 2  # the kill lands inside the warm-up: the resume restores 
 def _train_args(cfg: DictConfig, out: Path) -> list[str]:
     """`soundmood train` on the smoke profile's prepared data, every output under `out`."""
     return [
-        f"data.prepared_dir={cfg.data.prepared_dir}", f"data.image_size={cfg.data.image_size}",
+        f"data.prepared_dir={cfg.data.prepared_dir}",
+        f"data.image_size={cfg.data.image_size}",
         f"data.limit_per_class={cfg.data.limit_per_class}",
-        f"train.model_dir={out / 'models'}", f"evaluate.reports_dir={out / 'reports'}",
-        f"tune.best_params_path={out / 'best_params.yaml'}", "train.use_tuned=false",
-        f"train.epochs={EPOCHS}", f"train.warmup_epochs={WARMUP}",
-        f"train.batch_size={cfg.train.batch_size}", "train.early_stopping_patience=10",
+        f"train.model_dir={out / 'models'}",
+        f"evaluate.reports_dir={out / 'reports'}",
+        f"tune.best_params_path={out / 'best_params.yaml'}",
+        "train.use_tuned=false",
+        f"train.epochs={EPOCHS}",
+        f"train.warmup_epochs={WARMUP}",
+        f"train.batch_size={cfg.train.batch_size}",
+        "train.early_stopping_patience=10",
         "train.deterministic=true",
     ]
 
 
 def _env(tmp_path: Path, work: Path) -> dict[str, str]:
-    return {**os.environ, "SOUNDMOOD_WORK_DIR": str(work), "TF_CPP_MIN_LOG_LEVEL": "2",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    return {
+        **os.environ,
+        "SOUNDMOOD_WORK_DIR": str(work),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
 
 
 def _complete_model(path: Path) -> bool:
@@ -68,11 +77,17 @@ def _weights(path: Path) -> list[np.ndarray]:
 
 
 def test_killed_training_resumes_to_the_uninterrupted_result(
-        prepared_smoke: DictConfig, tmp_path: Path) -> None:
+    prepared_smoke: DictConfig, tmp_path: Path
+) -> None:
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    done = subprocess.run(["soundmood", "train", *_train_args(prepared_smoke, reference)],
-                          cwd=ROOT, env=_env(tmp_path, tmp_path / "work-reference"),
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        ["soundmood", "train", *_train_args(prepared_smoke, reference)],
+        cwd=ROOT,
+        env=_env(tmp_path, tmp_path / "work-reference"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" not in done.stdout
 
@@ -84,8 +99,9 @@ def test_killed_training_resumes_to_the_uninterrupted_result(
 
     work = tmp_path / "work"
     args = ["soundmood", "train", *_train_args(prepared_smoke, interrupted)]
-    victim = subprocess.Popen(args, cwd=ROOT, env=_env(tmp_path, work),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    victim = subprocess.Popen(
+        args, cwd=ROOT, env=_env(tmp_path, work), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 600
     try:
         while _progress(work).get("next_epoch", 0) < 1:
@@ -104,8 +120,9 @@ def test_killed_training_resumes_to_the_uninterrupted_result(
     assert model.read_bytes() == previous and _complete_model(model)
     assert not (interrupted / "reports" / "train.json").exists()
 
-    resumed = subprocess.run(args, cwd=ROOT, env=_env(tmp_path, work), capture_output=True,
-                             text=True, timeout=900)
+    resumed = subprocess.run(
+        args, cwd=ROOT, env=_env(tmp_path, work), capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"train: resuming from epoch {killed_at + 1}/{EPOCHS}" in resumed.stdout
     assert f"epoch {killed_at}/{EPOCHS}" not in resumed.stdout  # finished epochs not redone
@@ -114,22 +131,26 @@ def test_killed_training_resumes_to_the_uninterrupted_result(
 
     # the same history (every metric and learning rate of every epoch, exactly) ...
     curves = "plots/training_curves.csv"
-    assert (interrupted / "reports" / curves).read_text() == \
-        (reference / "reports" / curves).read_text()
-    summaries = [json.loads((d / "reports" / "train.json").read_text())
-                 for d in (reference, interrupted)]
+    assert (interrupted / "reports" / curves).read_text() == (
+        reference / "reports" / curves
+    ).read_text()
+    summaries = [
+        json.loads((d / "reports" / "train.json").read_text()) for d in (reference, interrupted)
+    ]
     for summary in summaries:
         for timing in ("train_seconds", "train_images_per_second"):
             summary.pop(timing)
     assert summaries[0] == summaries[1]
     # ... and bit-identical weights
-    for got, want in zip(_weights(model), _weights(reference / "models" / "model.keras"),
-                         strict=True):
+    for got, want in zip(
+        _weights(model), _weights(reference / "models" / "model.keras"), strict=True
+    ):
         assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
 
 
-def test_prepare_is_byte_reproducible(data_root: Path, tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepare_is_byte_reproducible(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(ROOT)  # data_version() reads data.dvc
     folders = []
     for name in ("one", "two"):
@@ -137,33 +158,61 @@ def test_prepare_is_byte_reproducible(data_root: Path, tmp_path: Path,
         prepare.run(cfg)
         folders.append(Path(cfg.data.prepared_dir))
     files = sorted(p.name for p in folders[0].iterdir())
-    assert files == ["index.json", "test_x.npy", "test_y.npy", "train_x.npy", "train_y.npy",
-                     "val_x.npy", "val_y.npy"]
+    assert files == [
+        "index.json",
+        "test_x.npy",
+        "test_y.npy",
+        "train_x.npy",
+        "train_y.npy",
+        "val_x.npy",
+        "val_y.npy",
+    ]
     assert sorted(p.name for p in folders[1].iterdir()) == files
     for name in files:
         assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
     # another seed carves another validation split from the same images
     other = smoke_config(tmp_path / "seed7", data_root, ["data.limit_per_class=12", "seed=7"])
     prepare.run(other)
-    assert prepare.load_index(other.data.prepared_dir)["files"]["val"] != \
-        prepare.load_index(folders[0])["files"]["val"]
+    assert (
+        prepare.load_index(other.data.prepared_dir)["files"]["val"]
+        != prepare.load_index(folders[0])["files"]["val"]
+    )
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.name=resnet50", "model.name: unknown model 'resnet50'; known: mobilenet_v2, seed_cnn"),
-    ("train.lr=-0.001", "train.lr: -0.001 is not in (0.0, 10.0]"),
-    ("data.image_size=24", "data.image_size: 24 is not in [32, 512] (model mobilenet_v2 cannot "
-                           "take inputs under 32 px)"),
-    ("train.deterministic=maybe", "train.deterministic: 'maybe' is not true or false"),
-    ("train.epochs=0", "train.epochs: 0 is not in [1, 10000]"),
-])
-def test_bad_config_fails_before_training(override: str, message: str, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "model.name=resnet50",
+            "model.name: unknown model 'resnet50'; known: mobilenet_v2, seed_cnn",
+        ),
+        ("train.lr=-0.001", "train.lr: -0.001 is not in (0.0, 10.0]"),
+        (
+            "data.image_size=24",
+            "data.image_size: 24 is not in [32, 512] (model mobilenet_v2 cannot "
+            "take inputs under 32 px)",
+        ),
+        ("train.deterministic=maybe", "train.deterministic: 'maybe' is not true or false"),
+        ("train.epochs=0", "train.epochs: 0 is not in [1, 10000]"),
+    ],
+)
+def test_bad_config_fails_before_training(
+    override: str,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("SOUNDMOOD_WORK_DIR", str(tmp_path / "work"))
-    code = cli.main(["train", f"train.model_dir={tmp_path / 'models'}",
-                     f"evaluate.reports_dir={tmp_path / 'reports'}", override])
+    code = cli.main(
+        [
+            "train",
+            f"train.model_dir={tmp_path / 'models'}",
+            f"evaluate.reports_dir={tmp_path / 'reports'}",
+            override,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err == f"error: {message}\n"
@@ -179,22 +228,33 @@ def test_mirrored_strategy_only_with_several_gpus(monkeypatch: pytest.MonkeyPatc
 
     assert train.distribution_strategy() is None  # this machine: CPU (or one GPU)
     made = []
-    monkeypatch.setattr(tf.config, "list_logical_devices",
-                        lambda kind=None: ["/gpu:0", "/gpu:1"] if kind == "GPU" else [])
-    monkeypatch.setattr(tf.distribute, "MirroredStrategy",
-                        lambda: made.append(1) or type("S", (), {"num_replicas_in_sync": 2})())
+    monkeypatch.setattr(
+        tf.config,
+        "list_logical_devices",
+        lambda kind=None: ["/gpu:0", "/gpu:1"] if kind == "GPU" else [],
+    )
+    monkeypatch.setattr(
+        tf.distribute,
+        "MirroredStrategy",
+        lambda: made.append(1) or type("S", (), {"num_replicas_in_sync": 2})(),
+    )
     assert train.distribution_strategy() is not None and made == [1]
-    monkeypatch.setattr(tf.config, "list_logical_devices",
-                        lambda kind=None: ["/gpu:0"] if kind == "GPU" else [])
+    monkeypatch.setattr(
+        tf.config, "list_logical_devices", lambda kind=None: ["/gpu:0"] if kind == "GPU" else []
+    )
     assert train.distribution_strategy() is None and made == [1]
 
 
-@pytest.mark.parametrize(("tuned", "message"), [
-    ("train.lrr: 0.001\n", "'train.lrr' is not in the composed config"),
-    ("train.lr: -0.5\n", "train.lr: -0.5 is not in"),
-])
-def test_stale_or_invalid_tuned_values_are_refused(tuned: str, message: str,
-                                                   tmp_path: Path, data_root: Path) -> None:
+@pytest.mark.parametrize(
+    ("tuned", "message"),
+    [
+        ("train.lrr: 0.001\n", "'train.lrr' is not in the composed config"),
+        ("train.lr: -0.5\n", "train.lr: -0.5 is not in"),
+    ],
+)
+def test_stale_or_invalid_tuned_values_are_refused(
+    tuned: str, message: str, tmp_path: Path, data_root: Path
+) -> None:
     from soundmood.config import ConfigError
     from soundmood.train import apply_tuned
 

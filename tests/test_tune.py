@@ -45,8 +45,9 @@ def load_study(cfg: DictConfig) -> optuna.Study:
     """The study `cfg` tunes, through one storage per URL (polling opens no new connections)."""
     if cfg.tune.storage not in _storages:
         _storages[cfg.tune.storage] = optuna.storages.RDBStorage(cfg.tune.storage)
-    return optuna.load_study(study_name=tune.study_name(cfg, tune.parse_space(cfg)),
-                             storage=_storages[cfg.tune.storage])
+    return optuna.load_study(
+        study_name=tune.study_name(cfg, tune.parse_space(cfg)), storage=_storages[cfg.tune.storage]
+    )
 
 
 # --- one real study, shared by the pruning, MLflow and hand-over tests -------------------------
@@ -60,10 +61,19 @@ def pruned_study(tmp_path_factory: pytest.TempPathFactory, prepared_smoke: DictC
     epoch; with one startup trial and no warm-up, a trial whose first-epoch val_macro_f1 is
     below the baseline's is pruned right there."""
     work = tmp_path_factory.mktemp("tune-pruning")
-    cfg = smoke_config(work, Path(prepared_smoke.data.root), [
-        *FAST, "tune.n_trials=4", "tune.epochs=2", "tune.pruner=median",
-        "tune.pruner_startup_trials=1", "tune.pruner_warmup_steps=0",
-        "tune.sampler_startup_trials=10"])
+    cfg = smoke_config(
+        work,
+        Path(prepared_smoke.data.root),
+        [
+            *FAST,
+            "tune.n_trials=4",
+            "tune.epochs=2",
+            "tune.pruner=median",
+            "tune.pruner_startup_trials=1",
+            "tune.pruner_warmup_steps=0",
+            "tune.sampler_startup_trials=10",
+        ],
+    )
     cfg.data.prepared_dir = prepared_smoke.data.prepared_dir
     cfg.tune.space = {"train.lr": {"type": "float", "low": 1.0e-3, "high": 10.0, "log": True}}
     with pytest.MonkeyPatch.context() as mp:
@@ -74,8 +84,14 @@ def pruned_study(tmp_path_factory: pytest.TempPathFactory, prepared_smoke: DictC
         start = time.perf_counter()
         report = tune.run(cfg)
         seconds = time.perf_counter() - start
-        yield {"cfg": cfg, "report": report, "study": load_study(cfg), "uri": uri,
-               "work": work, "seconds": seconds}
+        yield {
+            "cfg": cfg,
+            "report": report,
+            "study": load_study(cfg),
+            "uri": uri,
+            "work": work,
+            "seconds": seconds,
+        }
     mlflow.set_tracking_uri(None)
 
 
@@ -87,7 +103,8 @@ def test_pruning_happens_and_is_recorded(pruned_study: dict) -> None:
     assert states["RUNNING"] == states["WAITING"] == 0
     assert report["trials_counted"] == len(study.trials) == 4
     assert {k: report["trials"][k] for k in ("COMPLETE", "PRUNED", "FAIL")} == {
-        k: states[k] for k in ("COMPLETE", "PRUNED", "FAIL")}
+        k: states[k] for k in ("COMPLETE", "PRUNED", "FAIL")
+    }
     assert study.trials[0].user_attrs.get("baseline") is True  # the untuned config, measured
     client = MlflowClient(pruned_study["uri"])
     for trial in study.trials:
@@ -99,8 +116,9 @@ def test_pruning_happens_and_is_recorded(pruned_study: dict) -> None:
         tags = client.get_run(trial.user_attrs["mlflow_run_id"]).data.tags
         assert tags["optuna.state"] == "PRUNED"
         assert (tags["optuna.reason"], tags["optuna.pruned_step"]) == (reason, str(step))
-    assert any(t.user_attrs.get("prune_reason") == "pruner" for t in study.trials), \
+    assert any(t.user_attrs.get("prune_reason") == "pruner" for t in study.trials), (
         "no trial was stopped by the median pruner itself"
+    )
 
 
 def test_trials_are_nested_runs_under_the_parent(pruned_study: dict) -> None:
@@ -113,12 +131,18 @@ def test_trials_are_nested_runs_under_the_parent(pruned_study: dict) -> None:
     assert parent.data.metrics["best_val_macro_f1"] == pytest.approx(study.best_value)
     assert parent.data.metrics["trials_pruned"] == counts(study)["PRUNED"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
-    for name in ("tune.json", "best_params.yaml", "trials.csv", "optimization_history.png",
-                 "intermediate_values.png"):
+    for name in (
+        "tune.json",
+        "best_params.yaml",
+        "trials.csv",
+        "optimization_history.png",
+        "intermediate_values.png",
+    ):
         assert f"tune/{name}" in artifacts, artifacts
     children = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
     assert sorted(by_number) == [t.number for t in study.trials]
     for trial in study.trials:
@@ -160,9 +184,13 @@ def test_best_params_are_handed_to_train(pruned_study: dict, tmp_path: Path) -> 
 
 
 def _cli_env(work: Path) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-            "SOUNDMOOD_WORK_DIR": str(work / ".work"), "TF_CPP_MIN_LOG_LEVEL": "2",
-            "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "SOUNDMOOD_WORK_DIR": str(work / ".work"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def cli_setup(work: Path, prepared: DictConfig, extra: list[str]) -> tuple[DictConfig, list[str]]:
@@ -172,9 +200,16 @@ def cli_setup(work: Path, prepared: DictConfig, extra: list[str]) -> tuple[DictC
     cfg.data.prepared_dir = prepared.data.prepared_dir
     (work / "params.yaml").write_text(OmegaConf.to_yaml(cfg))
     shutil.copy(ROOT / "data.dvc", work / "data.dvc")  # the same data version as here
-    overrides = [f"{key}={OmegaConf.select(cfg, key)}" for key in (
-        "data.prepared_dir", "train.model_dir", "evaluate.reports_dir",
-        "tune.best_params_path", "tune.storage")] + extra
+    overrides = [
+        f"{key}={OmegaConf.select(cfg, key)}"
+        for key in (
+            "data.prepared_dir",
+            "train.model_dir",
+            "evaluate.reports_dir",
+            "tune.best_params_path",
+            "tune.storage",
+        )
+    ] + extra
     return cfg, overrides
 
 
@@ -199,21 +234,26 @@ def trials_of(cfg: DictConfig, log: Path) -> list:
     return load_study(cfg).get_trials(deepcopy=False)
 
 
-def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path: Path,
-                                                        prepared_smoke: DictConfig) -> None:
+def test_resume_after_sigkill_loses_and_repeats_nothing(
+    tmp_path: Path, prepared_smoke: DictConfig
+) -> None:
     extra = ["tune.n_trials=3", "tune.epochs=1", "tune.pruner=none"]
     cfg, overrides = cli_setup(tmp_path, prepared_smoke, extra)
     command = [sys.executable, "-m", "soundmood.cli", "tune", *overrides]
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=tmp_path, env=_cli_env(tmp_path), stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, env=_cli_env(tmp_path), stdout=out, stderr=subprocess.STDOUT
+        )
 
     def one_done_one_running() -> list[int]:
         trials = trials_of(cfg, log)
         done = [t for t in trials if t.state.is_finished()]
-        running = [t.number for t in trials
-                   if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+        running = [
+            t.number
+            for t in trials
+            if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+        ]
         return running if done and running else []
 
     killed = wait_for(one_done_one_running, proc, log, 300, "finished trial and a running one")
@@ -223,8 +263,9 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path: Path,
     assert [t.number for t in study.trials if t.state == TrialState.RUNNING] == killed
     first_parent = study.trials[killed[0]].user_attrs["mlflow_parent_run_id"]
 
-    again = subprocess.run(command, cwd=tmp_path, env=_cli_env(tmp_path), capture_output=True,
-                           text=True, timeout=400)
+    again = subprocess.run(
+        command, cwd=tmp_path, env=_cli_env(tmp_path), capture_output=True, text=True, timeout=400
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"orphaned trials {killed} marked FAIL" in again.stdout
 
@@ -258,19 +299,23 @@ def space_cfg(space: dict) -> DictConfig:
 
 
 def test_space_parses_float_log_int_step_and_categorical() -> None:
-    params = tune.parse_space(space_cfg({
-        "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "model.frozen_layers": {"type": "int", "low": 0, "high": 100, "step": 20},
-        "train.optimizer": {"type": "categorical", "choices": ["adamw", "sgd"]},
-        "train.augment.zoom": {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1},
-    }))
+    params = tune.parse_space(
+        space_cfg(
+            {
+                "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                "model.frozen_layers": {"type": "int", "low": 0, "high": 100, "step": 20},
+                "train.optimizer": {"type": "categorical", "choices": ["adamw", "sgd"]},
+                "train.augment.zoom": {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1},
+            }
+        )
+    )
     by_key = {p.key: p for p in params}
     assert by_key["train.lr"] == tune.Param("train.lr", "float", 1e-4, 1e-2, log=True)
-    assert by_key["model.frozen_layers"] == tune.Param("model.frozen_layers", "int", 0, 100,
-                                                       step=20)
+    assert by_key["model.frozen_layers"] == tune.Param(
+        "model.frozen_layers", "int", 0, 100, step=20
+    )
     assert by_key["train.optimizer"].choices == ("adamw", "sgd")
-    study = optuna.create_study(direction="maximize",
-                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):  # real Optuna draws stay inside each declaration
         trial = study.ask()
         values = {p.key: p.suggest(trial) for p in params}
@@ -281,22 +326,25 @@ def test_space_parses_float_log_int_step_and_categorical() -> None:
     assert not tune.Param("x", "int", 0, 100, step=20).contains(30)
 
 
-@pytest.mark.parametrize(("key", "spec", "message"), [
-    ("train.lrr", {"type": "float", "low": 1e-4, "high": 1e-2}, "not a key"),
-    ("train.lr", {"type": "float", "low": 1e-2, "high": 1e-2}, "must be below"),
-    ("train.lr", {"type": "float", "low": 0.0, "high": 1e-2, "log": True}, "log scale"),
-    ("train.lr", {"type": "float", "low": 1e-4, "high": 1e-2, "lg": True}, "unknown field"),
-    ("train.lr", {"type": "float", "low": 1e-4, "high": 1e-2, "choices": [1]}, "unknown field"),
-    ("train.optimizer", {"type": "categorical", "choices": []}, "non-empty"),
-    ("data.image_size", {"type": "int", "low": 32, "high": 96}, "cannot be tuned"),
-    ("tune.epochs", {"type": "int", "low": 1, "high": 3}, "cannot be tuned"),
-    ("train.augment", {"type": "float", "low": 0.0, "high": 1.0}, "group"),
-    ("train.lr", {"type": "normal", "low": 0.0, "high": 1.0}, "not float, int or categorical"),
-    ("train.batch_size", {"type": "int", "low": 16, "high": 64.5}, "is not an int"),
-    ("train.lr", {"type": "float", "low": 1e-4, "high": 20.0}, "rejects"),
-    ("train.optimizer", {"type": "categorical", "choices": ["adamw", "lion"]}, "rejects"),
-    ("train.lr", [1e-4, 1e-2], "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    ("key", "spec", "message"),
+    [
+        ("train.lrr", {"type": "float", "low": 1e-4, "high": 1e-2}, "not a key"),
+        ("train.lr", {"type": "float", "low": 1e-2, "high": 1e-2}, "must be below"),
+        ("train.lr", {"type": "float", "low": 0.0, "high": 1e-2, "log": True}, "log scale"),
+        ("train.lr", {"type": "float", "low": 1e-4, "high": 1e-2, "lg": True}, "unknown field"),
+        ("train.lr", {"type": "float", "low": 1e-4, "high": 1e-2, "choices": [1]}, "unknown field"),
+        ("train.optimizer", {"type": "categorical", "choices": []}, "non-empty"),
+        ("data.image_size", {"type": "int", "low": 32, "high": 96}, "cannot be tuned"),
+        ("tune.epochs", {"type": "int", "low": 1, "high": 3}, "cannot be tuned"),
+        ("train.augment", {"type": "float", "low": 0.0, "high": 1.0}, "group"),
+        ("train.lr", {"type": "normal", "low": 0.0, "high": 1.0}, "not float, int or categorical"),
+        ("train.batch_size", {"type": "int", "low": 16, "high": 64.5}, "is not an int"),
+        ("train.lr", {"type": "float", "low": 1e-4, "high": 20.0}, "rejects"),
+        ("train.optimizer", {"type": "categorical", "choices": ["adamw", "lion"]}, "rejects"),
+        ("train.lr", [1e-4, 1e-2], "expected a mapping"),
+    ],
+)
 def test_bad_space_declarations_name_the_key(key: str, spec: object, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"tune.space.{key}")) as err:
         tune.parse_space(space_cfg({key: spec}))
@@ -320,12 +368,22 @@ def test_study_follows_only_what_a_trial_depends_on(monkeypatch: pytest.MonkeyPa
         return tune.study_name(cfg, tune.parse_space(cfg))
 
     base = name()
-    for same in (["train.epochs=30"], ["train.threads=1"], ["train.model_dir=elsewhere"],
-                 ["tune.n_trials=50"], ["tune.storage=sqlite:///other.db"],
-                 ["train.lr=0.002"]):  # a tuned key's configured value only seeds trial 0
+    for same in (
+        ["train.epochs=30"],
+        ["train.threads=1"],
+        ["train.model_dir=elsewhere"],
+        ["tune.n_trials=50"],
+        ["tune.storage=sqlite:///other.db"],
+        ["train.lr=0.002"],
+    ):  # a tuned key's configured value only seeds trial 0
         assert name(same) == base, same
-    for other in (["tune.epochs=5"], ["tune.subset_fraction=0.3"], ["train.batch_size=16"],
-                  ["model.frozen_layers=10"], ["seed=1"]):
+    for other in (
+        ["tune.epochs=5"],
+        ["tune.subset_fraction=0.3"],
+        ["train.batch_size=16"],
+        ["model.frozen_layers=10"],
+        ["seed=1"],
+    ):
         assert name(other) != base, other
     narrower = {"train.lr": {"type": "float", "low": 3.0e-4, "high": 1.0e-3, "log": True}}
     assert name(space=narrower) != base
@@ -334,8 +392,9 @@ def test_study_follows_only_what_a_trial_depends_on(monkeypatch: pytest.MonkeyPa
 # --- DVC's view of the stage ---------------------------------------------------------------------
 
 
-def test_dvc_reruns_tune_only_when_its_inputs_change(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dvc_reruns_tune_only_when_its_inputs_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The tune stage of the real dvc.yaml in a scratch DVC repository: `dvc commit` records its
     inputs without running it, then `dvc status` (what `dvc repro` acts on) is read after each
     edit."""

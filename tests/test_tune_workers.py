@@ -33,9 +33,13 @@ def pid_of(trial) -> int:
     return int(str(trial.user_attrs["worker"]).rpartition(":")[2])
 
 
-def test_two_workers_share_one_study(tmp_path: Path, prepared_smoke: DictConfig,
-                                     postgres_url: str, mlflow_uri: str,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_workers_share_one_study(
+    tmp_path: Path,
+    prepared_smoke: DictConfig,
+    postgres_url: str,
+    mlflow_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cfg = smoke_config(tmp_path, Path(prepared_smoke.data.root), [*CHEAP, "tune.n_trials=4"])
     cfg.data.prepared_dir = prepared_smoke.data.prepared_dir
     cfg.tune.storage = postgres_url
@@ -66,16 +70,18 @@ def test_two_workers_share_one_study(tmp_path: Path, prepared_smoke: DictConfig,
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
     children = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == \
-        [t.number for t in trials]
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [
+        t.number for t in trials
+    ]
     assert all(r.info.status == "FINISHED" for r in children)
     mlflow.set_tracking_uri(None)
 
 
-def test_killed_workers_trials_are_failed_on_the_next_start(tmp_path: Path,
-                                                            prepared_smoke: DictConfig,
-                                                            postgres_url: str) -> None:
+def test_killed_workers_trials_are_failed_on_the_next_start(
+    tmp_path: Path, prepared_smoke: DictConfig, postgres_url: str
+) -> None:
     """One worker is killed mid-trial, then the whole command (parent and the other worker):
     the next start marks both RUNNING trials FAIL (orphaned) and completes the study."""
     cfg, overrides = cli_setup(tmp_path, prepared_smoke, [*CHEAP, "tune.n_trials=5"])
@@ -86,20 +92,33 @@ def test_killed_workers_trials_are_failed_on_the_next_start(tmp_path: Path,
     env = _cli_env(tmp_path)
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
+
         def running(exclude: int | None = None) -> list:
             trials = trials_of(cfg, log)
             if exclude is None and not any(t.state.is_finished() for t in trials):
                 return []
-            return [t for t in trials if t.state == TrialState.RUNNING
-                    and "mlflow_run_id" in t.user_attrs and pid_of(t) != exclude]
+            return [
+                t
+                for t in trials
+                if t.state == TrialState.RUNNING
+                and "mlflow_run_id" in t.user_attrs
+                and pid_of(t) != exclude
+            ]
 
         first = wait_for(running, proc, log, 300, "a running trial after a finished one")[0]
         os.kill(pid_of(first), signal.SIGKILL)  # one worker dies; the command goes on
-        second = wait_for(lambda: running(exclude=pid_of(first)), proc, log, 300,
-                          "a trial of the other worker")[0]
+        second = wait_for(
+            lambda: running(exclude=pid_of(first)), proc, log, 300, "a trial of the other worker"
+        )[0]
         os.killpg(proc.pid, signal.SIGKILL)  # then the whole command
         proc.wait(timeout=30)
     finally:
@@ -110,8 +129,9 @@ def test_killed_workers_trials_are_failed_on_the_next_start(tmp_path: Path,
     assert {t.number for t in study.trials if t.state == TrialState.RUNNING} >= set(killed)
     assert pid_of(first) != pid_of(second)
 
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=500)
+    again = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "orphaned trials" in again.stdout and "marked FAIL" in again.stdout
 

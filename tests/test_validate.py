@@ -46,15 +46,26 @@ def work(tmp_path: Path, data_root: Path) -> Path:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_file()
+        else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
-def validate(work: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-             *overrides: str) -> tuple[int, str]:
+def validate(
+    work: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *overrides: str
+) -> tuple[int, str]:
     monkeypatch.chdir(ROOT)
-    code = cli.main(["validate", f"data.root={work / 'data'}",
-                     f"evaluate.reports_dir={work / 'reports'}", *overrides])
+    code = cli.main(
+        [
+            "validate",
+            f"data.root={work / 'data'}",
+            f"evaluate.reports_dir={work / 'reports'}",
+            *overrides,
+        ]
+    )
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -84,8 +95,11 @@ def test_the_clean_copy_passes(work: Path, monkeypatch, capsys) -> None:
     assert "validate: train 20, test 10 images OK" in printed
     got = report(work)
     assert got["counts"]["train"] == {c: 4 for c in CLASSES}
-    assert got["summary"] == {"duplicate_groups_within_split": 0,
-                              "near_duplicate_pairs_across_splits": 0, "converted": 0}
+    assert got["summary"] == {
+        "duplicate_groups_within_split": 0,
+        "near_duplicate_pairs_across_splits": 0,
+        "converted": 0,
+    }
     assert digest(work / "data") == data_before
 
 
@@ -115,8 +129,10 @@ def test_one_pixel_image_is_an_error_even_with_convert(work: Path, monkeypatch, 
     bad = work / "data" / "train" / "angry" / "dot.jpg"
     Image.new("RGB", (1, 1), (200, 150, 120)).save(bad, "JPEG")
     printed = refused(work, monkeypatch, capsys, "data.on_bad_format=convert")
-    assert f"{bad}: is 1x1 RGB, expected 100x100 RGB, and a side under " \
-           "data.convert_min_side (24) leaves no face to convert" in printed
+    assert (
+        f"{bad}: is 1x1 RGB, expected 100x100 RGB, and a side under "
+        "data.convert_min_side (24) leaves no face to convert" in printed
+    )
 
 
 def _cmyk(work: Path, name: str) -> Path:
@@ -153,8 +169,10 @@ def test_unknown_class_folder(work: Path, monkeypatch, capsys) -> None:
     folder.mkdir()
     shutil.copy(a_real(work), folder / "scared.jpg")
     printed = refused(work, monkeypatch, capsys)
-    assert f"{folder}: unknown class folder holding 1 file(s) (expected only angry, happy, " \
-           "neutral, sad, surprised)" in printed
+    assert (
+        f"{folder}: unknown class folder holding 1 file(s) (expected only angry, happy, "
+        "neutral, sad, surprised)" in printed
+    )
 
 
 def test_empty_class(work: Path, monkeypatch, capsys) -> None:
@@ -169,8 +187,7 @@ def test_file_over_the_size_bound(work: Path, monkeypatch, capsys) -> None:
     big = work / "data" / "train" / "happy" / "big.jpg"
     big.write_bytes(a_real(work).read_bytes() + b"\0" * 20_000)  # valid JPEG, padded
     printed = refused(work, monkeypatch, capsys, "data.limits.max_file_bytes=15000")
-    assert f"{big}: {big.stat().st_size} bytes, over data.limits.max_file_bytes (15000)" \
-        in printed
+    assert f"{big}: {big.stat().st_size} bytes, over data.limits.max_file_bytes (15000)" in printed
 
 
 def test_image_declaring_a_huge_size(work: Path, monkeypatch, capsys) -> None:
@@ -179,8 +196,10 @@ def test_image_declaring_a_huge_size(work: Path, monkeypatch, capsys) -> None:
     bomb = work / "data" / "test" / "happy" / "bomb.png"
     bomb.write_bytes(_png_header(3000, 3000))  # 9 Mpx, over data.limits.max_image_pixels (4 M)
     printed = refused(work, monkeypatch, capsys)
-    assert f"{bomb}: declares 3000x3000 pixels, over the limit of 4000000 (refused without " \
-           "decoding)" in printed
+    assert (
+        f"{bomb}: declares 3000x3000 pixels, over the limit of 4000000 (refused without "
+        "decoding)" in printed
+    )
 
 
 def test_byte_identical_across_splits_is_leakage(work: Path, monkeypatch, capsys) -> None:
@@ -199,7 +218,8 @@ def test_duplicate_within_a_split_is_reported(work: Path, monkeypatch, capsys) -
     assert code == 0, printed
     assert "1 duplicate group(s) within a split" in printed
     assert report(work)["duplicates_within_split"] == [
-        ["train/happy/again.jpg", f"train/happy/{original.name}"]]
+        ["train/happy/again.jpg", f"train/happy/{original.name}"]
+    ]
     assert report(work)["near_duplicates_across_splits"] == []  # identical pairs are not "near"
     assert digest(work / "data") == data_before
 
@@ -221,7 +241,8 @@ def test_near_duplicate_across_splits_is_reported(work: Path, monkeypatch, capsy
 
 
 def test_convert_lists_the_wrong_formats_and_prepare_converts_them(
-        work: Path, monkeypatch, capsys) -> None:
+    work: Path, monkeypatch, capsys
+) -> None:
     cmyk, deep = _cmyk(work, "cmyk.jpg"), _png16(work, "deep.png")
     grey = work / "data" / "train" / "neutral" / "grey-big.jpg"
     with Image.open(a_real(work, klass="neutral")) as img:
@@ -232,11 +253,14 @@ def test_convert_lists_the_wrong_formats_and_prepare_converts_them(
     assert report(work)["converted"] == [
         {"file": "test/sad/deep.png", "found": "100x100 I;16"},
         {"file": "train/neutral/grey-big.jpg", "found": "128x128 L"},
-        {"file": "train/surprised/cmyk.jpg", "found": "100x100 CMYK"}]
+        {"file": "train/surprised/cmyk.jpg", "found": "100x100 CMYK"},
+    ]
 
-    cfg = smoke_config(work, work / "data", ["data.on_bad_format=convert",
-                                             "data.limit_per_class=null",
-                                             "data.val_fraction=0.25"])
+    cfg = smoke_config(
+        work,
+        work / "data",
+        ["data.on_bad_format=convert", "data.limit_per_class=null", "data.val_fraction=0.25"],
+    )
     monkeypatch.chdir(ROOT)
     index = prepare.run(cfg)
     rows = {}
@@ -248,5 +272,7 @@ def test_convert_lists_the_wrong_formats_and_prepare_converts_them(
         arr = rows[path.relative_to(work / "data").as_posix()]
         assert arr.shape == (64, 64, 3) and arr.dtype == np.uint8 and 10 < arr.mean() < 245
         assert np.array_equal(arr, load_face(path, 64))
-    assert np.array_equal(rows[deep.relative_to(work / "data").as_posix()][..., 0],
-                          rows[deep.relative_to(work / "data").as_posix()][..., 2])  # grey
+    assert np.array_equal(
+        rows[deep.relative_to(work / "data").as_posix()][..., 0],
+        rows[deep.relative_to(work / "data").as_posix()][..., 2],
+    )  # grey

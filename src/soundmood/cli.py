@@ -29,9 +29,13 @@ class Command:
 
 
 def _tune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes on one study (default 1); with a PostgreSQL "
-                        "tune.storage the same command on other machines joins the study")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on one study (default 1); with a PostgreSQL "
+        "tune.storage the same command on other machines joins the study",
+    )
 
 
 def _promote_args(p: argparse.ArgumentParser) -> None:
@@ -42,51 +46,84 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="photos (JPEG/PNG/WebP) or folders")
-    p.add_argument("--model", default="models:/soundmood-fer@champion",
-                   help="model URI or local .keras path (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="models:/soundmood-fer@champion",
+        help="model URI or local .keras path (default: %(default)s)",
+    )
     p.add_argument("--annotate", metavar="OUT_DIR", help="write annotated copies here")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
 
 def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="RAF-DB folder or .zip (official basic release or Kaggle copy)")
-    p.add_argument("--out", default="data/raf-db-5class",
-                   help="where to write the 5-class tree (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="data/raf-db-5class",
+        help="where to write the 5-class tree (default: %(default)s)",
+    )
 
 
 COMMANDS: dict[str, Command] = {
     "validate": Command(
-        "soundmood.data.validate:run", "check the data tree (class folders, decodable 100x100 "
-        "RGB images, leakage) and write reports/data_validation.json", stage=True),
+        "soundmood.data.validate:run",
+        "check the data tree (class folders, decodable 100x100 "
+        "RGB images, leakage) and write reports/data_validation.json",
+        stage=True,
+    ),
     "prepare": Command(
-        "soundmood.data.prepare:run", "decode every image once into prepared/*.npy at "
-        "data.image_size and carve the stratified validation split from train", stage=True),
+        "soundmood.data.prepare:run",
+        "decode every image once into prepared/*.npy at "
+        "data.image_size and carve the stratified validation split from train",
+        stage=True,
+    ),
     "tune": Command(
-        "soundmood.tune:cli", "search hyper-parameters with Optuna on the validation split "
-        "(writes reports/best_params.yaml)", stage=True, arguments=_tune_args),
+        "soundmood.tune:cli",
+        "search hyper-parameters with Optuna on the validation split "
+        "(writes reports/best_params.yaml)",
+        stage=True,
+        arguments=_tune_args,
+    ),
     "train": Command(
-        "soundmood.train:run", "train the configured model, keep the best validation epoch, "
-        "save models/model.keras", stage=True),
+        "soundmood.train:run",
+        "train the configured model, keep the best validation epoch, save models/model.keras",
+        stage=True,
+    ),
     "evaluate": Command(
-        "soundmood.evaluate:run", "score models/model.keras on the test split once; write "
-        "reports/metrics.json and log everything to MLflow", stage=True),
+        "soundmood.evaluate:run",
+        "score models/model.keras on the test split once; write "
+        "reports/metrics.json and log everything to MLflow",
+        stage=True,
+    ),
     "register": Command(
-        "soundmood.registry:register_cli", "register the evaluated model as a new version "
-        "(alias challenger) and, if registry.auto_promote, run the promotion gate", stage=True),
+        "soundmood.registry:register_cli",
+        "register the evaluated model as a new version "
+        "(alias challenger) and, if registry.auto_promote, run the promotion gate",
+        stage=True,
+    ),
     "promote": Command(
-        "soundmood.registry:promote_cli", "move the champion alias to a version that passes the "
-        "gate (or --force with --reason)", arguments=_promote_args),
+        "soundmood.registry:promote_cli",
+        "move the champion alias to a version that passes the gate (or --force with --reason)",
+        arguments=_promote_args,
+    ),
     "rollback": Command(
-        "soundmood.registry:rollback_cli", "move champion back to the previous champion"),
+        "soundmood.registry:rollback_cli", "move champion back to the previous champion"
+    ),
     "models": Command(
-        "soundmood.registry:models_cli", "table of registered versions: aliases, metrics, data, "
-        "commit"),
+        "soundmood.registry:models_cli",
+        "table of registered versions: aliases, metrics, data, commit",
+    ),
     "predict": Command(
-        "soundmood.inference:predict_cli", "detect faces in photos, classify each, and give one "
-        "mood per photo", arguments=_predict_args),
+        "soundmood.inference:predict_cli",
+        "detect faces in photos, classify each, and give one mood per photo",
+        arguments=_predict_args,
+    ),
     "import-rafdb": Command(
-        "soundmood.data.importer:import_cli", "build the 5-class tree from an official RAF-DB "
-        "or Kaggle-copy download (folder or .zip)", arguments=_import_args, overrides=True),
+        "soundmood.data.importer:import_cli",
+        "build the 5-class tree from an official RAF-DB or Kaggle-copy download (folder or .zip)",
+        arguments=_import_args,
+        overrides=True,
+    ),
 }
 
 
@@ -99,25 +136,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="soundmood",
         description="SoundMood facial-expression pipeline. Commands read params.yaml; "
-                    "`dvc repro` runs the stages in order.",
+        "`dvc repro` runs the stages in order.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     params = sub.add_parser(
-        "params", help="compose conf/ into params.yaml (or --check that they agree)",
+        "params",
+        help="compose conf/ into params.yaml (or --check that they agree)",
         description="Compose the Hydra config in conf/ (with optional overrides such as "
-                    "profile=smoke or model=seed_cnn) and write params.yaml.")
-    params.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 with a diff if params.yaml != conf/ composed")
-    params.add_argument("overrides", nargs="*", metavar="OVERRIDE",
-                        help="Hydra overrides, e.g. profile=smoke train.epochs=3")
+        "profile=smoke or model=seed_cnn) and write params.yaml.",
+    )
+    params.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 with a diff if params.yaml != conf/ composed",
+    )
+    params.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="Hydra overrides, e.g. profile=smoke train.epochs=3",
+    )
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         if command.arguments:
             command.arguments(p)
         if command.stage or command.overrides:
-            p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                           help="override params.yaml for this run, e.g. train.epochs=3 or "
-                                "data.limits.max_archive_bytes=1000000000")
+            p.add_argument(
+                "overrides",
+                nargs="*",
+                metavar="KEY=VALUE",
+                help="override params.yaml for this run, e.g. train.epochs=3 or "
+                "data.limits.max_archive_bytes=1000000000",
+            )
     return parser
 
 
@@ -143,8 +193,10 @@ def _record_timing(cfg: object, stage: str, seconds: float) -> None:
     """Wall time of the last run of each stage, for benchmarks/ (not a DVC output)."""
     folder = Path(cfg.evaluate.reports_dir) / "timings"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stage}.json").write_text(json.dumps(
-        {"stage": stage, "seconds": round(seconds, 1), "finished_at": time.time()}) + "\n")
+    (folder / f"{stage}.json").write_text(
+        json.dumps({"stage": stage, "seconds": round(seconds, 1), "finished_at": time.time()})
+        + "\n"
+    )
 
 
 class UserError(Exception):

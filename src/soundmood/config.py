@@ -38,9 +38,7 @@ def compose_to_file(output: Path, overrides: Sequence[str] = (), root: Path | No
     from dvc.utils.hydra import compose_and_dump
 
     root = root or project_root()
-    compose_and_dump(
-        output, str(root / CONFIG_DIR), None, CONFIG_NAME, str(root), list(overrides)
-    )
+    compose_and_dump(output, str(root / CONFIG_DIR), None, CONFIG_NAME, str(root), list(overrides))
 
 
 def write_params(overrides: Sequence[str] = (), root: Path | None = None) -> Path:
@@ -60,9 +58,7 @@ def params_diff(root: Path | None = None) -> str:
         expected = fresh.read_text().splitlines(keepends=True)
     current_path = root / PARAMS_FILE
     current = current_path.read_text().splitlines(keepends=True) if current_path.exists() else []
-    return "".join(
-        difflib.unified_diff(current, expected, "params.yaml", "conf/ (composed)")
-    )
+    return "".join(difflib.unified_diff(current, expected, "params.yaml", "conf/ (composed)"))
 
 
 def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
@@ -132,8 +128,9 @@ class _Checker:
             self.fail(key, "is missing")
         return value
 
-    def integer(self, key: str, low: int | None = None, high: int | None = None,
-                nullable: bool = False) -> None:
+    def integer(
+        self, key: str, low: int | None = None, high: int | None = None, nullable: bool = False
+    ) -> None:
         value = self.present(key)
         if value is _MISSING or (nullable and value is None):
             return
@@ -142,8 +139,9 @@ class _Checker:
         elif (low is not None and value < low) or (high is not None and value > high):
             self.fail(key, f"{value!r} is not in [{low}, {'inf' if high is None else high}]")
 
-    def number(self, key: str, low: float, high: float, low_open: bool = False,
-               high_open: bool = False) -> None:
+    def number(
+        self, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False
+    ) -> None:
         value = self.present(key)
         if value is _MISSING:
             return
@@ -153,8 +151,11 @@ class _Checker:
         too_low = value <= low if low_open else value < low
         too_high = value >= high if high_open else value > high
         if too_low or too_high:
-            self.fail(key, f"{value!r} is not in {'(' if low_open else '['}{low}, {high}"
-                           f"{')' if high_open else ']'}")
+            self.fail(
+                key,
+                f"{value!r} is not in {'(' if low_open else '['}{low}, {high}"
+                f"{')' if high_open else ']'}",
+            )
 
     def choice(self, key: str, options: tuple[object, ...]) -> None:
         value = self.present(key)
@@ -181,10 +182,11 @@ def _is_int(value: object) -> bool:
 def _check_data(c: _Checker, model_name: object) -> None:
     classes = c.present("data.classes")
     names_ok = (OmegaConf.is_list(classes) or isinstance(classes, list)) and all(
-        isinstance(n, str) and n.strip() and "/" not in n and n not in (".", "..")
-        for n in classes)
-    if classes is not _MISSING and not (names_ok and len(classes) >= 2
-                                        and len(set(classes)) == len(classes)):
+        isinstance(n, str) and n.strip() and "/" not in n and n not in (".", "..") for n in classes
+    )
+    if classes is not _MISSING and not (
+        names_ok and len(classes) >= 2 and len(set(classes)) == len(classes)
+    ):
         c.fail("data.classes", f"{classes!r} needs at least two distinct folder names")
     c.text("data.root")
     c.text("data.prepared_dir")
@@ -192,8 +194,9 @@ def _check_data(c: _Checker, model_name: object) -> None:
     c.integer("data.image_size", MIN_IMAGE_SIZE.get(model_name, 16), 512)
     size = c.value("data.image_size")
     if _is_int(size) and model_name in MIN_IMAGE_SIZE and size < MIN_IMAGE_SIZE[model_name]:
-        c.problems[-1] += f" (model {model_name} cannot take inputs under " \
-                          f"{MIN_IMAGE_SIZE[model_name]} px)"
+        c.problems[-1] += (
+            f" (model {model_name} cannot take inputs under {MIN_IMAGE_SIZE[model_name]} px)"
+        )
     c.number("data.val_fraction", 0.0, 0.5, low_open=True, high_open=True)
     c.integer("data.limit_per_class", 4, nullable=True)
     c.choice("data.on_bad_format", ("error", "convert"))
@@ -281,5 +284,8 @@ def validate(cfg: DictConfig) -> None:
     _check_train(c)
     _check_robustness(c)
     if c.problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(c.problems)
-                          if len(c.problems) > 1 else c.problems[0])
+        raise ConfigError(
+            "invalid configuration:\n  " + "\n  ".join(c.problems)
+            if len(c.problems) > 1
+            else c.problems[0]
+        )

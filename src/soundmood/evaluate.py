@@ -39,8 +39,9 @@ def predict_proba(model: keras.Model, x: np.ndarray, batch_size: int, tta_flip: 
 def score(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> tuple[dict, dict]:
     """Flat metrics (accuracy, macro/weighted F1, per-class P/R/F1) and sklearn's full report."""
     labels = list(range(len(classes)))
-    report = classification_report(y_true, y_pred, labels=labels, target_names=classes,
-                                   output_dict=True, zero_division=0)
+    report = classification_report(
+        y_true, y_pred, labels=labels, target_names=classes, output_dict=True, zero_division=0
+    )
     flat = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
@@ -61,16 +62,27 @@ def confusion_png(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], ou
     matplotlib.pyplot.close(display.figure_)
 
 
-def write_reports(reports: Path, metrics: dict, report: dict, y_true: np.ndarray,
-                  y_pred: np.ndarray, classes: list[str]) -> list[Path]:
+def write_reports(
+    reports: Path,
+    metrics: dict,
+    report: dict,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    classes: list[str],
+) -> list[Path]:
     plots = reports / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    paths = [reports / "metrics.json", reports / "classification_report.json",
-             plots / "confusion.csv", plots / "confusion.png"]
+    paths = [
+        reports / "metrics.json",
+        reports / "classification_report.json",
+        plots / "confusion.csv",
+        plots / "confusion.png",
+    ]
     paths[0].write_text(json.dumps(metrics, indent=2) + "\n")
     paths[1].write_text(json.dumps(report, indent=2) + "\n")
-    pd.DataFrame({"actual": [classes[i] for i in y_true],
-                  "predicted": [classes[i] for i in y_pred]}).to_csv(paths[2], index=False)
+    pd.DataFrame(
+        {"actual": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]}
+    ).to_csv(paths[2], index=False)
     confusion_png(y_true, y_pred, classes, paths[3])
     return paths
 
@@ -92,9 +104,14 @@ def log_model(model: keras.Model, cfg: DictConfig, examples: np.ndarray) -> str:
         served.save(path)
         inference = cfg.get("inference")
         info = serving.log_pyfunc(
-            path, list(cfg.data.classes), cfg.evaluate.tta_flip, cfg.evaluate.batch_size,
-            examples, detect_faces=bool(cfg.registry.get("detect_faces", False)),
-            inference=OmegaConf.to_container(inference) if inference else None)
+            path,
+            list(cfg.data.classes),
+            cfg.evaluate.tta_flip,
+            cfg.evaluate.batch_size,
+            examples,
+            detect_faces=bool(cfg.registry.get("detect_faces", False)),
+            inference=OmegaConf.to_container(inference) if inference else None,
+        )
     return info.model_uri
 
 
@@ -125,13 +142,20 @@ def run(cfg: DictConfig) -> dict:
         if curves.exists():
             mlflow.log_artifact(str(curves), artifact_path="evaluation")
         model_uri = log_model(model, cfg, x[:2])
-    (reports / "evaluation.json").write_text(json.dumps(
-        {"mlflow_run_id": run_id, "model_uri": model_uri, "test_images": len(y)},
-        indent=2) + "\n")
-    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-          f"on {len(y)} images; model {model_uri}")
+    (reports / "evaluation.json").write_text(
+        json.dumps(
+            {"mlflow_run_id": run_id, "model_uri": model_uri, "test_images": len(y)}, indent=2
+        )
+        + "\n"
+    )
+    print(
+        f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+        f"on {len(y)} images; model {model_uri}"
+    )
     if robust["conditions"]:
-        print(f"evaluate: worst capture condition {robust['worst_condition']} accuracy "
-              f"{robust['worst_accuracy']:.4f}, mean drop {robust['mean_drop']:.4f} over "
-              f"{len(robust['conditions'])} conditions")
+        print(
+            f"evaluate: worst capture condition {robust['worst_condition']} accuracy "
+            f"{robust['worst_accuracy']:.4f}, mean drop {robust['mean_drop']:.4f} over "
+            f"{len(robust['conditions'])} conditions"
+        )
     return metrics

@@ -30,8 +30,9 @@ def build_seed_cnn(model_cfg: DictConfig, size: int, n_classes: int) -> keras.Mo
     x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
     blocks = [(64, 3, None), (128, 5, None), (512, 3, l2), (512, 3, l2)]
     for filters, kernel, reg in blocks:
-        x = layers.Conv2D(filters, kernel, padding="same", activation="relu",
-                          kernel_regularizer=reg)(x)
+        x = layers.Conv2D(
+            filters, kernel, padding="same", activation="relu", kernel_regularizer=reg
+        )(x)
         x = layers.BatchNormalization()(x)
         x = layers.MaxPooling2D()(x)
         x = layers.Dropout(drop)(x)
@@ -48,7 +49,8 @@ def build_seed_cnn(model_cfg: DictConfig, size: int, n_classes: int) -> keras.Mo
 def verify_sha256(path: Path, expected: str) -> None:
     if not path.exists():
         raise FileNotFoundError(
-            f"model.weights: {path} not found (see ../shared/weights/README.md)")
+            f"model.weights: {path} not found (see ../shared/weights/README.md)"
+        )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if expected and digest != expected:
         raise ValueError(f"model.weights: {path} has sha256 {digest}, expected {expected}")
@@ -57,8 +59,11 @@ def verify_sha256(path: Path, expected: str) -> None:
 def build_mobilenet_v2(model_cfg: DictConfig, size: int, n_classes: int) -> keras.Model:
     """ImageNet-pretrained MobileNetV2 backbone, average pooling, dropout and a softmax head."""
     backbone = keras.applications.MobileNetV2(
-        input_shape=(size, size, 3), alpha=model_cfg.alpha, include_top=False,
-        weights=None, pooling="avg",
+        input_shape=(size, size, 3),
+        alpha=model_cfg.alpha,
+        include_top=False,
+        weights=None,
+        pooling="avg",
     )
     if model_cfg.weights:
         weights = Path(model_cfg.weights)

@@ -101,8 +101,11 @@ Rule = Callable[[Facts, Facts | None, DictConfig], Check | None]
 def class_recall_floor(candidate: Facts, champion: Facts | None, rules: DictConfig) -> Check:
     """Every class's test recall >= registry.min_class_recall (a model may not give up a class)."""
     floor = float(rules.min_class_recall)
-    recalls = {k.removesuffix(RECALL_SUFFIX): v for k, v in candidate.metrics.items()
-               if k.endswith(RECALL_SUFFIX)}
+    recalls = {
+        k.removesuffix(RECALL_SUFFIX): v
+        for k, v in candidate.metrics.items()
+        if k.endswith(RECALL_SUFFIX)
+    }
     if not recalls:
         return Check(False, "no per-class test recall recorded (test_<class>_recall tags)")
     low = {name: value for name, value in recalls.items() if value < floor}
@@ -134,9 +137,12 @@ def same_test_data(candidate: Facts, champion: Facts | None, rules: DictConfig) 
         return None
     difference = _test_data_difference(candidate, champion)
     if difference:
-        return Check(False, f"candidate and champion v{champion.version} were tested on different "
-                            f"test data ({difference}): their metrics are not comparable (use "
-                            "--force --reason to promote anyway)")
+        return Check(
+            False,
+            f"candidate and champion v{champion.version} were tested on different "
+            f"test data ({difference}): their metrics are not comparable (use "
+            "--force --reason to promote anyway)",
+        )
     return Check(True, f"same test data ({candidate.tags[Tag.DATA_MD5][:8]})")
 
 
@@ -154,8 +160,10 @@ def beats_champion(candidate: Facts, champion: Facts | None, rules: DictConfig) 
         return Check(True, f"champion v{champion.version} has no test {KEY_METRIC} to beat")
     needed = float(rules.min_improvement)
     delta = round(mine - theirs, 6)  # metrics carry 4 decimals: no float-noise verdicts
-    summary = (f"test {KEY_METRIC} {mine:.4f} vs champion v{champion.version} {theirs:.4f} "
-               f"({delta:+.4f}; registry.min_improvement={needed})")
+    summary = (
+        f"test {KEY_METRIC} {mine:.4f} vs champion v{champion.version} {theirs:.4f} "
+        f"({delta:+.4f}; registry.min_improvement={needed})"
+    )
     return Check(delta > 0 and delta >= needed, summary)
 
 
@@ -172,8 +180,11 @@ def condition_floor(candidate: Facts, champion: Facts | None, rules: DictConfig)
         return Check(False, failure)
     accuracies = condition_accuracies(robust)
     worst = min(accuracies, key=accuracies.get)
-    return Check(True, f"every capture condition >= registry.min_condition_accuracy={floor} "
-                       f"(worst: {worst} {accuracies[worst]:.4f})")
+    return Check(
+        True,
+        f"every capture condition >= registry.min_condition_accuracy={floor} "
+        f"(worst: {worst} {accuracies[worst]:.4f})",
+    )
 
 
 # Evaluated in order, all of them, so a refusal lists every failed rule. A new rule is one more
@@ -181,8 +192,9 @@ def condition_floor(candidate: Facts, champion: Facts | None, rules: DictConfig)
 RULES: tuple[Rule, ...] = (class_recall_floor, condition_floor, same_test_data, beats_champion)
 
 
-def gate(candidate: Facts, champion: Facts | None, rules: DictConfig,
-         checks: tuple[Rule, ...] = RULES) -> Decision:
+def gate(
+    candidate: Facts, champion: Facts | None, rules: DictConfig, checks: tuple[Rule, ...] = RULES
+) -> Decision:
     """May `candidate` become champion? With no champion, the floors alone decide."""
     if champion is not None and champion.version == candidate.version:
         return Decision(False, f"version {candidate.version} is already the champion")
@@ -241,22 +253,29 @@ def aliases_by_version(name: str) -> dict[str, list[str]]:
 
 def describe(tags: dict[str, str], metrics: dict[str, float]) -> str:
     """A one-paragraph description of a version, from what produced it and how it scored."""
-    recalls = ", ".join(f"{k.removesuffix(RECALL_SUFFIX)} {v:.3f}" for k, v in metrics.items()
-                        if k.endswith(RECALL_SUFFIX))
+    recalls = ", ".join(
+        f"{k.removesuffix(RECALL_SUFFIX)} {v:.3f}"
+        for k, v in metrics.items()
+        if k.endswith(RECALL_SUFFIX)
+    )
     dirty = " (uncommitted changes)" if tags.get(Tag.GIT_DIRTY) == "true" else ""
-    return (f"{tags.get(Tag.MODEL_NAME, '?')} trained with profile {tags.get(Tag.PROFILE, '?')} "
-            f"at commit {tags.get(Tag.GIT_COMMIT, '?')[:12]}{dirty} on data "
-            f"{tags.get(Tag.DATA_MD5, '?')[:12]} (config {tags.get(Tag.CONFIG_HASH, '?')}). "
-            f"Test macro-F1 {metrics.get('macro_f1', float('nan')):.4f}, accuracy "
-            f"{metrics.get('accuracy', float('nan')):.4f}; recall per class: {recalls}. "
-            f"MLflow run {tags.get(Tag.RUN_ID, '?')}.")
+    return (
+        f"{tags.get(Tag.MODEL_NAME, '?')} trained with profile {tags.get(Tag.PROFILE, '?')} "
+        f"at commit {tags.get(Tag.GIT_COMMIT, '?')[:12]}{dirty} on data "
+        f"{tags.get(Tag.DATA_MD5, '?')[:12]} (config {tags.get(Tag.CONFIG_HASH, '?')}). "
+        f"Test macro-F1 {metrics.get('macro_f1', float('nan')):.4f}, accuracy "
+        f"{metrics.get('accuracy', float('nan')):.4f}; recall per class: {recalls}. "
+        f"MLflow run {tags.get(Tag.RUN_ID, '?')}."
+    )
 
 
 def model_description(cfg: DictConfig) -> str:
-    return (f"Facial expression of a face image: {', '.join(cfg.data.classes)}. Input: a "
-            "column `image` of encoded JPEG/PNG bytes (base64 in JSON); output: a probability "
-            "per class and `label`. Aliases: champion (served; moved only by the promotion "
-            "gate, `soundmood promote`), challenger (the latest registered candidate).")
+    return (
+        f"Facial expression of a face image: {', '.join(cfg.data.classes)}. Input: a "
+        "column `image` of encoded JPEG/PNG bytes (base64 in JSON); output: a probability "
+        "per class and `label`. Aliases: champion (served; moved only by the promotion "
+        "gate, `soundmood promote`), challenger (the latest registered candidate)."
+    )
 
 
 def model_id_of(model_uri: str) -> str | None:
@@ -288,9 +307,13 @@ def register(cfg: DictConfig, model_uri: str, run_id: str, tags: dict[str, str])
     mv = existing_version(name, run_id, model_uri)
     if mv is None:
         mv = mlflow_client.create_model_version(
-            name, source=model_uri, run_id=run_id, tags=tags,
+            name,
+            source=model_uri,
+            run_id=run_id,
+            tags=tags,
             description=describe(tags, Facts.from_tags(0, tags).metrics),
-            model_id=model_id_of(model_uri))
+            model_id=model_id_of(model_uri),
+        )
     champion = alias_version(name, CHAMPION)
     if champion is None or str(champion.version) != str(mv.version):
         mlflow_client.set_registered_model_alias(name, CHALLENGER, mv.version)
@@ -314,15 +337,21 @@ def promote(cfg: DictConfig, version: int | str, force_reason: str | None = None
     mlflow_client.set_model_version_tag(name, candidate.version, Tag.GATE, label)
     mlflow_client.set_model_version_tag(name, candidate.version, Tag.GATE_REASON, decision.reason)
     if decision.promote:
-        move_champion(name, candidate.version, champion.version if champion else "",
-                      decision.reason, forced)
+        move_champion(
+            name, candidate.version, champion.version if champion else "", decision.reason, forced
+        )
     return decision
 
 
 def move_champion(name: str, version: str, previous: str, reason: str, forced: bool) -> None:
     mlflow_client = client()
-    tags = {Tag.PROMOTED_AT: now(), Tag.PROMOTED_BY: user(), Tag.PREVIOUS_CHAMPION: previous,
-            Tag.PROMOTION_REASON: reason, Tag.FORCED: str(forced).lower()}
+    tags = {
+        Tag.PROMOTED_AT: now(),
+        Tag.PROMOTED_BY: user(),
+        Tag.PREVIOUS_CHAMPION: previous,
+        Tag.PROMOTION_REASON: reason,
+        Tag.FORCED: str(forced).lower(),
+    }
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value)
     mlflow_client.set_registered_model_alias(name, CHAMPION, version)
@@ -339,13 +368,16 @@ def rollback(cfg: DictConfig) -> tuple[str, str]:
         raise UserError(f"model {name} has no champion to roll back")
     previous = (current.tags or {}).get(Tag.PREVIOUS_CHAMPION, "")
     if not previous:
-        raise UserError(f"champion v{current.version} was the first champion of {name}: there is "
-                        "no previous champion to roll back to")
+        raise UserError(
+            f"champion v{current.version} was the first champion of {name}: there is "
+            "no previous champion to roll back to"
+        )
     target = get_version(name, previous)
     stamp = now()
     mlflow_client.set_model_version_tag(name, current.version, Tag.ROLLED_BACK_AT, stamp)
-    mlflow_client.set_model_version_tag(name, current.version, Tag.ROLLED_BACK_TO,
-                                        str(target.version))
+    mlflow_client.set_model_version_tag(
+        name, current.version, Tag.ROLLED_BACK_TO, str(target.version)
+    )
     mlflow_client.set_model_version_tag(name, target.version, Tag.RESTORED_AT, stamp)
     mlflow_client.set_registered_model_alias(name, CHAMPION, target.version)
     return str(current.version), str(target.version)
@@ -373,9 +405,14 @@ def config_hash(run_id: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def version_tags(cfg: DictConfig, run_id: str, metrics: dict[str, float], data_md5: str,
-                 test_images: int | None = None,
-                 robust: dict[str, float] | None = None) -> dict[str, str]:
+def version_tags(
+    cfg: DictConfig,
+    run_id: str,
+    metrics: dict[str, float],
+    data_md5: str,
+    test_images: int | None = None,
+    robust: dict[str, float] | None = None,
+) -> dict[str, str]:
     from soundmood import tracking
 
     git = tracking.git_state()
@@ -437,8 +474,14 @@ def register_cli(cfg: DictConfig) -> int:
     metrics = _read_json(reports / "metrics.json", "evaluate")
     tracking.setup(cfg)
     run_id = evaluation["mlflow_run_id"]
-    tags = version_tags(cfg, run_id, metrics, tested_data_version(cfg),
-                        evaluation.get("test_images"), robust_tags(reports))
+    tags = version_tags(
+        cfg,
+        run_id,
+        metrics,
+        tested_data_version(cfg),
+        evaluation.get("test_images"),
+        robust_tags(reports),
+    )
     mv = register(cfg, evaluation["model_uri"], run_id, tags)
     current = alias_version(cfg.registry.model_name, CHAMPION)
     if current is not None and str(current.version) == str(mv.version):  # a re-run
@@ -450,9 +493,14 @@ def register_cli(cfg: DictConfig) -> int:
         decision = Decision(False, "registry.auto_promote is false: run `soundmood promote`")
         outcome = "pending"
     champion = alias_version(cfg.registry.model_name, CHAMPION)
-    report = {"name": cfg.registry.model_name, "version": int(mv.version), "decision": outcome,
-              "reason": decision.reason, "champion": int(champion.version) if champion else None,
-              "model_uri": f"models:/{cfg.registry.model_name}/{mv.version}"}
+    report = {
+        "name": cfg.registry.model_name,
+        "version": int(mv.version),
+        "decision": outcome,
+        "reason": decision.reason,
+        "champion": int(champion.version) if champion else None,
+        "model_uri": f"models:/{cfg.registry.model_name}/{mv.version}",
+    }
     (reports / REGISTRY_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     print(f"register: {cfg.registry.model_name} v{mv.version} {outcome}: {decision.reason}")
     return 0
@@ -463,7 +511,7 @@ def promote_cli(cfg: DictConfig, args: Any) -> int:
     from soundmood import tracking
 
     if args.force and not (args.reason or "").strip():
-        raise UserError("--force needs --reason \"...\": a manual override is recorded with why")
+        raise UserError('--force needs --reason "...": a manual override is recorded with why')
     if args.reason and not args.force:
         raise UserError("--reason goes with --force; without it the gate records its own reason")
     tracking.setup(cfg)
@@ -507,8 +555,18 @@ def models_cli(cfg: DictConfig, args: Any) -> int:
         raise UserError(f"model {name} has no registered versions: run `soundmood register`")
     aliases = aliases_by_version(name)
     table = Table(title=f"{name} (registry {tracking.tracking_uri(cfg)})")
-    for column in ("version", "aliases", "created", "macro-F1", "accuracy", "min recall",
-                   "model", "data md5", "commit", "gate"):
+    for column in (
+        "version",
+        "aliases",
+        "created",
+        "macro-F1",
+        "accuracy",
+        "min recall",
+        "model",
+        "data md5",
+        "commit",
+        "gate",
+    ):
         table.add_column(column, justify="right" if column in ("version",) else "left")
     for mv in versions:
         facts = version_facts(mv)
@@ -516,13 +574,17 @@ def models_cli(cfg: DictConfig, args: Any) -> int:
         created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
         tags = facts.tags
         table.add_row(
-            str(mv.version), ", ".join(sorted(aliases.get(str(mv.version), []))),
+            str(mv.version),
+            ", ".join(sorted(aliases.get(str(mv.version), []))),
             created.strftime("%Y-%m-%d %H:%M"),
-            _fmt(facts.metrics.get(KEY_METRIC)), _fmt(facts.metrics.get("accuracy")),
+            _fmt(facts.metrics.get(KEY_METRIC)),
+            _fmt(facts.metrics.get("accuracy")),
             _fmt(min(recalls) if recalls else None),
             f"{tags.get(Tag.MODEL_NAME, '')}/{tags.get(Tag.PROFILE, '')}",
-            tags.get(Tag.DATA_MD5, "")[:8], tags.get(Tag.GIT_COMMIT, "")[:8],
-            tags.get(Tag.GATE, ""))
+            tags.get(Tag.DATA_MD5, "")[:8],
+            tags.get(Tag.GIT_COMMIT, "")[:8],
+            tags.get(Tag.GATE, ""),
+        )
     console = Console()
     if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
         console = Console(width=160)

@@ -48,6 +48,7 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 # --- parameters: declared per transform, checked before any work ---------------------------------
 
+
 @dataclass(frozen=True)
 class Param:
     """A numeric parameter in [low, high]; `open_low` excludes `low` itself."""
@@ -66,8 +67,9 @@ class Param:
         low_ok = value > self.low if self.open_low else value >= self.low
         if not (low_ok and value <= self.high):
             bracket = "(" if self.open_low else "["
-            raise ConfigError(f"{key}: {value!r} is outside {bracket}{self.low}, {self.high}] "
-                              f"({self.meaning})")
+            raise ConfigError(
+                f"{key}: {value!r} is outside {bracket}{self.low}, {self.high}] ({self.meaning})"
+            )
         return self.kind(value)
 
 
@@ -89,6 +91,7 @@ class Transform:
 
 
 # --- the transforms: uint8 (S, S, 3) in, uint8 (S, S, 3) out -------------------------------------
+
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
@@ -138,8 +141,9 @@ def rotate(img: np.ndarray, p: Mapping[str, Any], k: PerImage) -> np.ndarray:
     """A tilted head or camera: `degrees` about the centre, anticlockwise on even indices and
     clockwise on odd ones, borders reflected (as keras RandomRotation's fill_mode="reflect")."""
     angle = p["degrees"] if k.index % 2 == 0 else -p["degrees"]
-    out = ndimage.rotate(img.astype(np.float32), angle, axes=(1, 0), reshape=False, order=1,
-                         mode="reflect")
+    out = ndimage.rotate(
+        img.astype(np.float32), angle, axes=(1, 0), reshape=False, order=1, mode="reflect"
+    )
     return _to_uint8(out)
 
 
@@ -157,7 +161,7 @@ def tight_crop(img: np.ndarray, p: Mapping[str, Any], k: PerImage) -> np.ndarray
     side = img.shape[0]
     crop = max(1, round(side * p["keep"]))
     start = (side - crop) // 2
-    centre = np.ascontiguousarray(img[start:start + crop, start:start + crop])
+    centre = np.ascontiguousarray(img[start : start + crop, start : start + crop])
     return _resize(centre, side, Image.Resampling.BILINEAR)
 
 
@@ -173,26 +177,55 @@ def shift(img: np.ndarray, p: Mapping[str, Any], k: PerImage) -> np.ndarray:
 _FRACTION = dict(kind=float, low=0.0, high=1.0, open_low=True)
 TRANSFORMS: dict[str, Transform] = {
     "grey": Transform(grey, {}),
-    "lowres": Transform(lowres, {"size_fraction": Param(
-        **_FRACTION, meaning="low side as a fraction of the image side")}),
+    "lowres": Transform(
+        lowres,
+        {"size_fraction": Param(**_FRACTION, meaning="low side as a fraction of the image side")},
+    ),
     "jpeg": Transform(jpeg, {"quality": Param(int, 1, 100, meaning="JPEG quality 1-100")}),
-    "dark": Transform(dark, {
-        "gamma": Param(float, 0.0, 10.0, open_low=True, meaning="exponent on [0, 1] intensities"),
-        "brightness": Param(**_FRACTION, meaning="multiplier after the gamma")}),
-    "low_contrast": Transform(low_contrast, {"factor": Param(
-        **_FRACTION, meaning="scale of deviations from the mean")}),
-    "rotate": Transform(rotate, {"degrees": Param(
-        float, 0.0, 180.0, open_low=True, meaning="rotation angle, sign alternating per image")}),
-    "loose_crop": Transform(loose_crop, {"face_fraction": Param(
-        float, 0.25, 1.0, meaning="share of the frame the face keeps")}),
-    "tight_crop": Transform(tight_crop, {"keep": Param(
-        **_FRACTION, meaning="central share of the frame kept")}),
-    "shift": Transform(shift, {"fraction": Param(
-        float, 0.0, 0.5, open_low=True, meaning="translation as a fraction of the side")}),
+    "dark": Transform(
+        dark,
+        {
+            "gamma": Param(
+                float, 0.0, 10.0, open_low=True, meaning="exponent on [0, 1] intensities"
+            ),
+            "brightness": Param(**_FRACTION, meaning="multiplier after the gamma"),
+        },
+    ),
+    "low_contrast": Transform(
+        low_contrast, {"factor": Param(**_FRACTION, meaning="scale of deviations from the mean")}
+    ),
+    "rotate": Transform(
+        rotate,
+        {
+            "degrees": Param(
+                float,
+                0.0,
+                180.0,
+                open_low=True,
+                meaning="rotation angle, sign alternating per image",
+            )
+        },
+    ),
+    "loose_crop": Transform(
+        loose_crop,
+        {"face_fraction": Param(float, 0.25, 1.0, meaning="share of the frame the face keeps")},
+    ),
+    "tight_crop": Transform(
+        tight_crop, {"keep": Param(**_FRACTION, meaning="central share of the frame kept")}
+    ),
+    "shift": Transform(
+        shift,
+        {
+            "fraction": Param(
+                float, 0.0, 0.5, open_low=True, meaning="translation as a fraction of the side"
+            )
+        },
+    ),
 }
 
 
 # --- conditions: named, parameterised transforms from conf/ --------------------------------------
+
 
 @dataclass(frozen=True)
 class Condition:
@@ -203,8 +236,10 @@ class Condition:
     def apply(self, images: np.ndarray, seed: int) -> np.ndarray:
         """The condition's variant of a split: the same images for the same seed, always."""
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"condition {self.name}: expected uint8 (N, S, S, 3), "
-                             f"got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"condition {self.name}: expected uint8 (N, S, S, 3), "
+                f"got {images.dtype} {images.shape}"
+            )
         rng = np.random.default_rng([seed, zlib.crc32(self.name.encode())])
         draws = rng.random(len(images))
         fn = TRANSFORMS[self.transform].apply
@@ -214,8 +249,9 @@ class Condition:
         return out
 
 
-def parse_conditions(conditions: Mapping[str, Any] | DictConfig | None,
-                     key: str = CONDITIONS_KEY) -> list[Condition]:
+def parse_conditions(
+    conditions: Mapping[str, Any] | DictConfig | None, key: str = CONDITIONS_KEY
+) -> list[Condition]:
     """Check every condition and parameter, naming the offending key; nothing is computed here.
 
     A condition's name is its transform unless it sets `transform:` (so `jpeg_q10: {transform:
@@ -227,24 +263,31 @@ def parse_conditions(conditions: Mapping[str, Any] | DictConfig | None,
         conditions = OmegaConf.to_container(conditions, resolve=True)
     if not isinstance(conditions, Mapping):
         raise ConfigError(f"{key}: expected a mapping of condition name -> parameters")
-    return [_parse_condition(str(name), params, f"{key}.{name}")
-            for name, params in conditions.items()]
+    return [
+        _parse_condition(str(name), params, f"{key}.{name}") for name, params in conditions.items()
+    ]
 
 
 def _parse_condition(name: str, params: Any, key: str) -> Condition:
     if not NAME_PATTERN.match(name) or name in RESERVED_NAMES:
-        raise ConfigError(f"{key}: condition name {name!r} must match [a-z][a-z0-9_]* and not be "
-                          f"one of {', '.join(RESERVED_NAMES)}")
+        raise ConfigError(
+            f"{key}: condition name {name!r} must match [a-z][a-z0-9_]* and not be "
+            f"one of {', '.join(RESERVED_NAMES)}"
+        )
     params = dict(params or {})
     transform = str(params.pop("transform", name))
     if transform not in TRANSFORMS:
-        raise ConfigError(f"{key}: unknown condition {transform!r}; known: "
-                          f"{', '.join(TRANSFORMS)} (or set transform: to one of them)")
+        raise ConfigError(
+            f"{key}: unknown condition {transform!r}; known: "
+            f"{', '.join(TRANSFORMS)} (or set transform: to one of them)"
+        )
     spec = TRANSFORMS[transform].params
     unknown = sorted(set(params) - set(spec))
     if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown parameter for {transform}; expected "
-                          f"{', '.join(spec) or 'none'}")
+        raise ConfigError(
+            f"{key}.{unknown[0]}: unknown parameter for {transform}; expected "
+            f"{', '.join(spec) or 'none'}"
+        )
     missing = [p for p in spec if p not in params]
     if missing:
         raise ConfigError(f"{key}.{missing[0]}: missing ({spec[missing[0]].meaning})")
@@ -262,6 +305,7 @@ def check_config(cfg: DictConfig) -> list[Condition]:
 
 # --- evaluation ----------------------------------------------------------------------------------
 
+
 def condition_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Accuracy, macro-F1 and the lowest per-class recall (with its class), as evaluate scores."""
     from soundmood.evaluate import score
@@ -269,12 +313,21 @@ def condition_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str])
     flat, _ = score(y_true, y_pred, classes)
     recalls = {name: flat[f"{name}_recall"] for name in classes}
     weakest = min(recalls, key=recalls.__getitem__)
-    return {"accuracy": flat["accuracy"], "macro_f1": flat["macro_f1"],
-            "min_recall": recalls[weakest], "min_recall_class": weakest}
+    return {
+        "accuracy": flat["accuracy"],
+        "macro_f1": flat["macro_f1"],
+        "min_recall": recalls[weakest],
+        "min_recall_class": weakest,
+    }
 
 
-def evaluate_conditions(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: DictConfig,
-                        clean_pred: np.ndarray | None = None) -> dict[str, Any]:
+def evaluate_conditions(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: DictConfig,
+    clean_pred: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Score the clean split and every configured condition of it.
 
     Predictions go through evaluate.predict_proba with evaluate.batch_size and evaluate.tta_flip,
@@ -305,8 +358,11 @@ def summarise(clean: Mapping[str, Any], scores: Mapping[str, Mapping[str, Any]])
         return {"worst_condition": None, "worst_accuracy": clean["accuracy"], "mean_drop": 0.0}
     worst = min(scores, key=lambda name: scores[name]["accuracy"])
     drops = [clean["accuracy"] - s["accuracy"] for s in scores.values()]
-    return {"worst_condition": worst, "worst_accuracy": scores[worst]["accuracy"],
-            "mean_drop": round(float(np.mean(drops)), 4)}
+    return {
+        "worst_condition": worst,
+        "worst_accuracy": scores[worst]["accuracy"],
+        "mean_drop": round(float(np.mean(drops)), 4),
+    }
 
 
 def mlflow_metrics(result: Mapping[str, Any], prefix: str = "robust_") -> dict[str, float]:
@@ -336,15 +392,18 @@ def write_reports(result: Mapping[str, Any], reports_dir: str | Path) -> list[Pa
     metrics = {k: v for k, v in result.items() if k != "seconds"}
     paths[0].write_text(json.dumps(metrics, indent=2) + "\n")
     rows = _bars(result)
-    paths[1].write_text("condition,accuracy\n"
-                        + "".join(f"{name},{acc:.4f}\n" for name, acc in rows))
+    paths[1].write_text(
+        "condition,accuracy\n" + "".join(f"{name},{acc:.4f}\n" for name, acc in rows)
+    )
     _bar_chart(rows, paths[2])
     return paths
 
 
 def _bars(result: Mapping[str, Any]) -> list[tuple[str, float]]:
-    return [(CLEAN, result["clean"]["accuracy"]),
-            *((name, s["accuracy"]) for name, s in result["conditions"].items())]
+    return [
+        (CLEAN, result["clean"]["accuracy"]),
+        *((name, s["accuracy"]) for name, s in result["conditions"].items()),
+    ]
 
 
 def _bar_chart(rows: list[tuple[str, float]], out: Path) -> None:
@@ -403,17 +462,22 @@ def condition_floor_failure(robust_metrics: Mapping[str, Any], floor: float) -> 
         return None
     accuracies = condition_accuracies(robust_metrics)
     if not accuracies:
-        return (f"no per-condition accuracy (robust_<condition>_accuracy) to check against "
-                f"registry.min_condition_accuracy {floor:.4f}; evaluate the model again")
+        return (
+            f"no per-condition accuracy (robust_<condition>_accuracy) to check against "
+            f"registry.min_condition_accuracy {floor:.4f}; evaluate the model again"
+        )
     below = sorted((acc, name) for name, acc in accuracies.items() if acc < floor)
     if not below:
         return None
     listing = ", ".join(f"{name} {acc:.4f}" for acc, name in below)
-    return (f"{len(below)} capture condition(s) below registry.min_condition_accuracy "
-            f"{floor:.4f}: {listing} (worst: {below[0][1]})")
+    return (
+        f"{len(below)} capture condition(s) below registry.min_condition_accuracy "
+        f"{floor:.4f}: {listing} (worst: {below[0][1]})"
+    )
 
 
 # --- training: random capture degradations as Keras layers ---------------------------------------
+
 
 @functools.cache
 def _layers_module() -> Any:
@@ -425,8 +489,14 @@ def _layers_module() -> Any:
         """With `probability`, gamma log-uniform in [1/max_gamma, max_gamma] on [0, 1] intensities,
         then a gain uniform in [min_gain, 1] (the `dark` condition is gamma 2.2, gain 0.5)."""
 
-        def __init__(self, probability: float, max_gamma: float, min_gain: float,
-                     seed: int | None = None, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            probability: float,
+            max_gamma: float,
+            min_gain: float,
+            seed: int | None = None,
+            **kwargs: Any,
+        ) -> None:
             super().__init__(**kwargs)
             self.probability, self.max_gamma, self.min_gain = probability, max_gamma, min_gain
             self.generator = keras.random.SeedGenerator(seed)
@@ -448,8 +518,9 @@ def _layers_module() -> Any:
         """With `probability`, area-filtered down to a side uniform in [min_fraction, 1] of the
         image's, bilinear back up (the `lowres` condition). Per image, via tf.map_fn."""
 
-        def __init__(self, probability: float, min_fraction: float, seed: int | None = None,
-                     **kwargs: Any) -> None:
+        def __init__(
+            self, probability: float, min_fraction: float, seed: int | None = None, **kwargs: Any
+        ) -> None:
             super().__init__(**kwargs)
             self.probability, self.min_fraction = probability, min_fraction
             self.generator = keras.random.SeedGenerator(seed)
@@ -460,8 +531,9 @@ def _layers_module() -> Any:
             u = keras.random.uniform((tf.shape(images)[0], 2), seed=self.generator)
             side = tf.shape(images)[1:3]
             fraction = self.min_fraction + (1.0 - self.min_fraction) * u[:, 1]
-            low = tf.maximum(1, tf.cast(tf.round(fraction * tf.cast(side[0], tf.float32)),
-                                        tf.int32))
+            low = tf.maximum(
+                1, tf.cast(tf.round(fraction * tf.cast(side[0], tf.float32)), tf.int32)
+            )
 
             def one(args: tuple) -> tf.Tensor:
                 img, apply, n = args
@@ -473,8 +545,9 @@ def _layers_module() -> Any:
 
                 return tf.cond(apply, down_up, lambda: img)
 
-            out = tf.map_fn(one, (images, u[:, 0] < self.probability, low),
-                            fn_output_signature=tf.float32)
+            out = tf.map_fn(
+                one, (images, u[:, 0] < self.probability, low), fn_output_signature=tf.float32
+            )
             return tf.ensure_shape(out, images.shape)
 
         def compute_output_shape(self, input_shape: tuple) -> tuple:
@@ -484,8 +557,14 @@ def _layers_module() -> Any:
         """With `probability`, a JPEG round trip at a quality uniform in [min_quality,
         max_quality]. tf.image.adjust_jpeg_quality takes one 3-D image, hence tf.map_fn."""
 
-        def __init__(self, probability: float, min_quality: int, max_quality: int,
-                     seed: int | None = None, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            probability: float,
+            min_quality: int,
+            max_quality: int,
+            seed: int | None = None,
+            **kwargs: Any,
+        ) -> None:
             super().__init__(**kwargs)
             self.probability = probability
             self.min_quality, self.max_quality = min_quality, max_quality
@@ -496,17 +575,22 @@ def _layers_module() -> Any:
                 return images
             u = keras.random.uniform((tf.shape(images)[0], 2), seed=self.generator)
             span = self.max_quality - self.min_quality + 1
-            quality = tf.minimum(self.min_quality + tf.cast(tf.floor(u[:, 1] * span), tf.int32),
-                                 self.max_quality)
+            quality = tf.minimum(
+                self.min_quality + tf.cast(tf.floor(u[:, 1] * span), tf.int32), self.max_quality
+            )
 
             def one(args: tuple) -> tf.Tensor:
                 img, apply, q = args
                 pixels = tf.cast(tf.round(tf.clip_by_value(img, 0.0, 255.0)), tf.uint8)
-                return tf.cond(apply, lambda: tf.cast(
-                    tf.image.adjust_jpeg_quality(pixels, q), tf.float32), lambda: img)
+                return tf.cond(
+                    apply,
+                    lambda: tf.cast(tf.image.adjust_jpeg_quality(pixels, q), tf.float32),
+                    lambda: img,
+                )
 
-            out = tf.map_fn(one, (images, u[:, 0] < self.probability, quality),
-                            fn_output_signature=tf.float32)
+            out = tf.map_fn(
+                one, (images, u[:, 0] < self.probability, quality), fn_output_signature=tf.float32
+            )
             return tf.ensure_shape(out, images.shape)
 
         def compute_output_shape(self, input_shape: tuple) -> tuple:
@@ -535,14 +619,22 @@ def _section(aug: Mapping[str, Any], name: str, spec: dict[str, Param]) -> dict[
 
 _PROBABILITY = Param(float, 0.0, 1.0, meaning="chance each image is degraded")
 AUGMENT_SPECS: dict[str, dict[str, Param]] = {
-    "downsample": {"probability": _PROBABILITY, "min_fraction": Param(
-        float, 0.0, 1.0, open_low=True, meaning="smallest low side as a fraction of the side")},
-    "jpeg": {"probability": _PROBABILITY,
-             "min_quality": Param(int, 1, 100, meaning="lowest JPEG quality"),
-             "max_quality": Param(int, 1, 100, meaning="highest JPEG quality")},
-    "gamma": {"probability": _PROBABILITY,
-              "max_gamma": Param(float, 1.0, 10.0, meaning="gamma drawn in [1/max, max]"),
-              "min_gain": Param(float, 0.0, 1.0, open_low=True, meaning="darkest gain")},
+    "downsample": {
+        "probability": _PROBABILITY,
+        "min_fraction": Param(
+            float, 0.0, 1.0, open_low=True, meaning="smallest low side as a fraction of the side"
+        ),
+    },
+    "jpeg": {
+        "probability": _PROBABILITY,
+        "min_quality": Param(int, 1, 100, meaning="lowest JPEG quality"),
+        "max_quality": Param(int, 1, 100, meaning="highest JPEG quality"),
+    },
+    "gamma": {
+        "probability": _PROBABILITY,
+        "max_gamma": Param(float, 1.0, 10.0, meaning="gamma drawn in [1/max, max]"),
+        "min_gain": Param(float, 0.0, 1.0, open_low=True, meaning="darkest gain"),
+    },
 }
 
 
@@ -552,13 +644,16 @@ def check_augment(aug: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
         aug = OmegaConf.to_container(aug, resolve=True)
     greyscale = aug.get("greyscale") or 0.0
     checked: dict[str, Any] = {
-        "greyscale": _PROBABILITY.check(f"{AUGMENT_KEY}.greyscale", greyscale)}
+        "greyscale": _PROBABILITY.check(f"{AUGMENT_KEY}.greyscale", greyscale)
+    }
     for name, spec in AUGMENT_SPECS.items():
         checked[name] = _section(aug, name, spec)
     jp = checked["jpeg"]
     if jp and jp["min_quality"] > jp["max_quality"]:
-        raise ConfigError(f"{AUGMENT_KEY}.jpeg.min_quality: {jp['min_quality']} exceeds "
-                          f"max_quality {jp['max_quality']}")
+        raise ConfigError(
+            f"{AUGMENT_KEY}.jpeg.min_quality: {jp['min_quality']} exceeds "
+            f"max_quality {jp['max_quality']}"
+        )
     return checked
 
 
@@ -572,17 +667,37 @@ def augmentation_layers(aug: Mapping[str, Any] | DictConfig, seed: int) -> list[
     layers: list[keras.layers.Layer] = []
     if checked["gamma"]:
         g = checked["gamma"]
-        layers.append(random_gamma(g["probability"], g["max_gamma"], g["min_gain"], seed=seed + 101,
-                                   name="random_gamma"))
+        layers.append(
+            random_gamma(
+                g["probability"],
+                g["max_gamma"],
+                g["min_gain"],
+                seed=seed + 101,
+                name="random_gamma",
+            )
+        )
     if checked["greyscale"] > 0:
-        layers.append(keras.layers.RandomGrayscale(checked["greyscale"], seed=seed + 102,
-                                                   name="random_greyscale"))
+        layers.append(
+            keras.layers.RandomGrayscale(
+                checked["greyscale"], seed=seed + 102, name="random_greyscale"
+            )
+        )
     if checked["downsample"]:
         d = checked["downsample"]
-        layers.append(random_downsample(d["probability"], d["min_fraction"], seed=seed + 103,
-                                        name="random_downsample"))
+        layers.append(
+            random_downsample(
+                d["probability"], d["min_fraction"], seed=seed + 103, name="random_downsample"
+            )
+        )
     if checked["jpeg"]:
         j = checked["jpeg"]
-        layers.append(random_jpeg(j["probability"], j["min_quality"], j["max_quality"],
-                                  seed=seed + 104, name="random_jpeg"))
+        layers.append(
+            random_jpeg(
+                j["probability"],
+                j["min_quality"],
+                j["max_quality"],
+                seed=seed + 104,
+                name="random_jpeg",
+            )
+        )
     return layers

@@ -47,8 +47,17 @@ INFERENCE_SETTINGS = "inference"
 # What the served model imports, pinned to the versions it was logged with; each entry lists
 # interchangeable distributions (the first installed one is pinned; none installed: left out,
 # as mtcnn and omegaconf are needed only with face detection).
-SERVING_PACKAGES = (("mlflow",), ("keras",), ("tensorflow-cpu", "tensorflow"), ("numpy",),
-                    ("pandas",), ("pillow",), ("omegaconf",), ("mtcnn",))
+SERVING_PACKAGES = (
+    ("mlflow",),
+    ("keras",),
+    ("tensorflow-cpu", "tensorflow"),
+    ("numpy",),
+    ("pandas",),
+    ("pillow",),
+    ("omegaconf",),
+    ("mtcnn",),
+)
+
 
 def invalid_input(message: str) -> MlflowException:
     """The error the scoring server turns into a 400 with `message`."""
@@ -65,9 +74,11 @@ def encoded_bytes(value: object, row: int) -> bytes:
         except (binascii.Error, ValueError) as exc:
             raise invalid_input(
                 f"image[{row}]: a string that is not base64 ({exc}); send the encoded "
-                "JPEG/PNG file base64-encoded") from exc
+                "JPEG/PNG file base64-encoded"
+            ) from exc
     raise invalid_input(
-        f"image[{row}]: expected encoded JPEG/PNG bytes, got {type(value).__name__}")
+        f"image[{row}]: expected encoded JPEG/PNG bytes, got {type(value).__name__}"
+    )
 
 
 def face_detector() -> tuple[Callable, Callable] | None:
@@ -97,13 +108,19 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
         # cfg.inference as logged (None: soundmood.inference's defaults, which equal conf/)
         self.inference_settings = config.get(INFERENCE_SETTINGS)
 
-    def predict(self, context: Any, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input:
-            got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else \
-                type(model_input).__name__
-            raise invalid_input(f"input needs a column {IMAGE_COLUMN!r} of encoded JPEG/PNG "
-                                f"bytes (base64 in JSON); got {got}")
+            got = (
+                list(model_input.columns)
+                if isinstance(model_input, pd.DataFrame)
+                else type(model_input).__name__
+            )
+            raise invalid_input(
+                f"input needs a column {IMAGE_COLUMN!r} of encoded JPEG/PNG "
+                f"bytes (base64 in JSON); got {got}"
+            )
         requested = (params or {}).get(DETECT_FACES)
         detect = self.detect_faces_default if requested is None else bool(requested)
         cells = list(model_input[IMAGE_COLUMN])
@@ -147,9 +164,11 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
 
         detector = face_detector()
         if detector is None:
-            raise invalid_input(f"{DETECT_FACES}=true, but this model was logged without a face "
-                                "detector (soundmood.inference.detect_faces); send face crops "
-                                f"with {DETECT_FACES}=false")
+            raise invalid_input(
+                f"{DETECT_FACES}=true, but this model was logged without a face "
+                "detector (soundmood.inference.detect_faces); send face crops "
+                f"with {DETECT_FACES}=false"
+            )
         detect, combine = detector
         crops, owner, areas, counts = [], [], [], []
         for row, value in enumerate(cells):
@@ -166,8 +185,10 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
         probs = self.probabilities(np.stack(crops) if crops else None)
         owner_arr, areas_arr = np.asarray(owner), np.asarray(areas)
         weighting = (self.inference_settings or {}).get("mood", {}).get("weighting", "area")
-        rows = [combine(probs[owner_arr == row], areas_arr[owner_arr == row], weighting)
-                for row in range(len(cells))]
+        rows = [
+            combine(probs[owner_arr == row], areas_arr[owner_arr == row], weighting)
+            for row in range(len(cells))
+        ]
         return self.frame(np.stack(rows) if rows else probs, counts)
 
     def face_input(self, face: Any) -> np.ndarray:
@@ -194,9 +215,13 @@ def signature(classes: list[str]) -> mlflow.models.ModelSignature:
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec("binary", IMAGE_COLUMN)])
-    outputs = Schema([*(ColSpec("double", name) for name in classes),
-                      ColSpec("string", LABEL_COLUMN),
-                      ColSpec("long", FACES_COLUMN, required=False)])
+    outputs = Schema(
+        [
+            *(ColSpec("double", name) for name in classes),
+            ColSpec("string", LABEL_COLUMN),
+            ColSpec("long", FACES_COLUMN, required=False),
+        ]
+    )
     # None: use the model_config default (false unless the model was logged otherwise)
     params = ParamSchema([ParamSpec(DETECT_FACES, "boolean", None)])
     return mlflow.models.ModelSignature(inputs=inputs, outputs=outputs, params=params)
@@ -225,9 +250,16 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def log_pyfunc(keras_path: Path, classes: list[str], tta_flip: bool, batch_size: int,
-               examples: np.ndarray, detect_faces: bool = False,
-               inference: dict | None = None, name: str = "model") -> mlflow.models.model.ModelInfo:
+def log_pyfunc(
+    keras_path: Path,
+    classes: list[str],
+    tta_flip: bool,
+    batch_size: int,
+    examples: np.ndarray,
+    detect_faces: bool = False,
+    inference: dict | None = None,
+    name: str = "model",
+) -> mlflow.models.model.ModelInfo:
     """Log the served model to the active run: the .keras file, this package, a signature and an
     input example (PNG-encoded `examples`, uint8 RGB faces). `inference`: cfg.inference as a
     plain dict, for the detect_faces option (None: soundmood.inference's defaults)."""

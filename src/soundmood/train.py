@@ -69,8 +69,11 @@ def augmentation(aug: DictConfig, seed: int) -> keras.Sequential:
     if aug.zoom:
         steps.append(keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed))
     if aug.translation:
-        steps.append(keras.layers.RandomTranslation(
-            aug.translation, aug.translation, fill_mode="reflect", seed=seed))
+        steps.append(
+            keras.layers.RandomTranslation(
+                aug.translation, aug.translation, fill_mode="reflect", seed=seed
+            )
+        )
     if aug.contrast:
         steps.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=seed))
     if aug.brightness:
@@ -80,8 +83,12 @@ def augmentation(aug: DictConfig, seed: int) -> keras.Sequential:
 
 
 def make_dataset(
-    x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int,
-    augment: keras.Sequential | None = None, seed: int = 0,
+    x: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    batch_size: int,
+    augment: keras.Sequential | None = None,
+    seed: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (uint8 images, one-hot labels); shuffled and augmented when `augment` is given."""
     ds = tf.data.Dataset.from_tensor_slices((x, keras.utils.to_categorical(y, n_classes)))
@@ -89,6 +96,7 @@ def make_dataset(
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment is not None:
+
         def apply(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             out = augment(tf.cast(images, tf.float32), training=True)
             return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8), labels
@@ -197,8 +205,14 @@ def fit(
     progress = store.resume(training_fingerprint(cfg, train, val, epochs), model, epochs, warmup)
     val_ds = make_dataset(*val, n_classes, t.batch_size)
     weights = class_weights(train[1], n_classes, t.class_weight)
-    relay = EpochRelay([LearningRateLogger(), keras.callbacks.TerminateOnNaN(),
-                        MlflowEpochLogger(), *(extra_callbacks or [])])
+    relay = EpochRelay(
+        [
+            LearningRateLogger(),
+            keras.callbacks.TerminateOnNaN(),
+            MlflowEpochLogger(),
+            *(extra_callbacks or []),
+        ]
+    )
     relay.set_model(model)
     relay.inner.on_train_begin()
     phase = ""
@@ -212,27 +226,53 @@ def fit(
                 store.restore_optimizer(model, phase)
         start = time.perf_counter()
         epoch_seed = cfg.seed * 1000 + epoch
-        train_ds = make_dataset(*train, n_classes, t.batch_size,
-                                augmentation(t.augment, epoch_seed), epoch_seed)
-        model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
-                  class_weight=weights, callbacks=[relay], shuffle=False,  # shuffled above
-                  verbose=1 if verbose == 1 else 0)
-        progress.record(epoch, relay.logs, t.monitor, mode, time.perf_counter() - start,
-                        patience=t.early_stopping_patience if epoch >= warmup else None)
+        train_ds = make_dataset(
+            *train, n_classes, t.batch_size, augmentation(t.augment, epoch_seed), epoch_seed
+        )
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            class_weight=weights,
+            callbacks=[relay],
+            shuffle=False,  # shuffled above
+            verbose=1 if verbose == 1 else 0,
+        )
+        progress.record(
+            epoch,
+            relay.logs,
+            t.monitor,
+            mode,
+            time.perf_counter() - start,
+            patience=t.early_stopping_patience if epoch >= warmup else None,
+        )
         progress.stopped = progress.stopped or bool(getattr(model, "stop_training", False))
         store.save(progress, model, phase)
         if csv_log:
             write_curves(csv_log, progress.history)
         if verbose:
-            print(f"epoch {epoch + 1}/{epochs} ({phase}) {time.perf_counter() - start:.0f}s "
-                  + " ".join(f"{k}={v:.4f}" for k, v in sorted(relay.logs.items())), flush=True)
+            print(
+                f"epoch {epoch + 1}/{epochs} ({phase}) {time.perf_counter() - start:.0f}s "
+                + " ".join(f"{k}={v:.4f}" for k, v in sorted(relay.logs.items())),
+                flush=True,
+            )
     relay.inner.on_train_end()
     store.load_best(model, progress)
     history = progress.history
-    best_value = history[progress.best_epoch].get(t.monitor, float("nan")) \
-        if progress.best_epoch >= 0 else float("nan")
-    return FitResult(model, history, progress.best_epoch, best_value, progress.seconds,
-                     len(train[0]) * len(history))
+    best_value = (
+        history[progress.best_epoch].get(t.monitor, float("nan"))
+        if progress.best_epoch >= 0
+        else float("nan")
+    )
+    return FitResult(
+        model,
+        history,
+        progress.best_epoch,
+        best_value,
+        progress.seconds,
+        len(train[0]) * len(history),
+    )
 
 
 WARMUP, FINETUNE = "warm-up", "fine-tune"
@@ -242,8 +282,14 @@ def _phase(epoch: int, warmup: int) -> str:
     return WARMUP if epoch < warmup else FINETUNE
 
 
-def _enter_phase(model: keras.Model, cfg: DictConfig, phase: str, n_classes: int, steps: int,
-                 finetune_epochs: int) -> None:
+def _enter_phase(
+    model: keras.Model,
+    cfg: DictConfig,
+    phase: str,
+    n_classes: int,
+    steps: int,
+    finetune_epochs: int,
+) -> None:
     """Freeze or unfreeze the backbone and compile a fresh optimizer for the phase."""
     t = cfg.train
     if phase == WARMUP:
@@ -291,14 +337,20 @@ def write_curves(path: Path, history: list[dict[str, float]]) -> None:
     resumed run keeps the rows of the epochs it did not redo."""
     keys = sorted({k for row in history for k in row})
     lines = [",".join(["epoch", *keys])]
-    lines += [",".join([str(i), *(repr(row.get(k, float("nan"))) for k in keys)])
-              for i, row in enumerate(history)]
+    lines += [
+        ",".join([str(i), *(repr(row.get(k, float("nan"))) for k in keys)])
+        for i, row in enumerate(history)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(path, ("\n".join(lines) + "\n").encode())
 
 
-def training_fingerprint(cfg: DictConfig, train: tuple[np.ndarray, np.ndarray],
-                         val: tuple[np.ndarray, np.ndarray], epochs: int) -> str:
+def training_fingerprint(
+    cfg: DictConfig,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    epochs: int,
+) -> str:
     """What a checkpoint must have been made with to be resumed: the config, the epoch budget
     and the exact training and validation arrays."""
     digest = hashlib.blake2b(digest_size=16)
@@ -324,8 +376,15 @@ class Progress:
     seconds: float = 0.0
     improved: bool = False  # whether the epoch just recorded is the new best (not saved)
 
-    def record(self, epoch: int, logs: dict[str, float], monitor: str, mode: str, seconds: float,
-               patience: int | None) -> None:
+    def record(
+        self,
+        epoch: int,
+        logs: dict[str, float],
+        monitor: str,
+        mode: str,
+        seconds: float,
+        patience: int | None,
+    ) -> None:
         """Add an epoch; keep the best one and the early-stopping count as Keras's
         ModelCheckpoint(save_best_only) and EarlyStopping would."""
         value = logs.get(monitor, float("nan"))
@@ -366,8 +425,7 @@ class TrainingCheckpoint:
         self.index = work_dir / "progress.json"
         self.optimizer_state: tuple[str, list[np.ndarray]] | None = None
 
-    def resume(self, fingerprint: str, model: keras.Model, epochs: int,
-               warmup: int) -> Progress:
+    def resume(self, fingerprint: str, model: keras.Model, epochs: int, warmup: int) -> Progress:
         """The saved progress with the model's variables restored, or a fresh start (and why)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if not self.index.exists():
@@ -382,17 +440,26 @@ class TrainingCheckpoint:
             arrays = _load_arrays(self.dir / f"epoch-{progress.next_epoch - 1}.npz")
             _assign(model.variables, arrays["model"], "model")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"train: not resuming from the checkpoint in {self.dir} ({exc}); "
-                  "starting again from epoch 1", flush=True)
+            print(
+                f"train: not resuming from the checkpoint in {self.dir} ({exc}); "
+                "starting again from epoch 1",
+                flush=True,
+            )
             return Progress(fingerprint)
         self.optimizer_state = (arrays["phase"], arrays["optimizer"])
         if progress.stopped or progress.next_epoch >= epochs:
-            print(f"train: the checkpoint in {self.dir} holds a finished run "
-                  f"({progress.next_epoch} epochs); reusing it", flush=True)
+            print(
+                f"train: the checkpoint in {self.dir} holds a finished run "
+                f"({progress.next_epoch} epochs); reusing it",
+                flush=True,
+            )
         else:
             skipped = " (warm-up already done)" if 0 < warmup <= progress.next_epoch else ""
-            print(f"train: resuming from epoch {progress.next_epoch + 1}/{epochs}{skipped} with "
-                  f"the checkpoint in {self.dir}", flush=True)
+            print(
+                f"train: resuming from epoch {progress.next_epoch + 1}/{epochs}{skipped} with "
+                f"the checkpoint in {self.dir}",
+                flush=True,
+            )
         _log_restored(progress.history)
         return progress
 
@@ -410,8 +477,12 @@ class TrainingCheckpoint:
     def save(self, progress: Progress, model: keras.Model, phase: str) -> None:
         epoch = progress.next_epoch - 1
         state = [v.numpy() for v in model.variables]
-        _save_arrays(self.dir / f"epoch-{epoch}.npz", state,
-                     [v.numpy() for v in model.optimizer.variables], phase)
+        _save_arrays(
+            self.dir / f"epoch-{epoch}.npz",
+            state,
+            [v.numpy() for v in model.optimizer.variables],
+            phase,
+        )
         if progress.improved:
             _save_arrays(self.dir / f"best-{epoch}.npz", state, [], phase)
         _write_atomically(self.index, progress.to_json().encode())
@@ -426,8 +497,9 @@ class TrainingCheckpoint:
             _assign(model.variables, _load_arrays(best)["model"], "model")
 
 
-def _save_arrays(path: Path, model_arrays: list[np.ndarray], optimizer: list[np.ndarray],
-                 phase: str) -> None:
+def _save_arrays(
+    path: Path, model_arrays: list[np.ndarray], optimizer: list[np.ndarray], phase: str
+) -> None:
     named = {f"model_{i:04d}": a for i, a in enumerate(model_arrays)}
     named.update({f"optimizer_{i:04d}": a for i, a in enumerate(optimizer)})
     buffer = io.BytesIO()
@@ -438,14 +510,17 @@ def _save_arrays(path: Path, model_arrays: list[np.ndarray], optimizer: list[np.
 def _load_arrays(path: Path) -> dict:
     with np.load(path) as npz:
         names = sorted(npz.files)
-        return {"phase": str(npz["phase"]),
-                "model": [npz[n] for n in names if n.startswith("model_")],
-                "optimizer": [npz[n] for n in names if n.startswith("optimizer_")]}
+        return {
+            "phase": str(npz["phase"]),
+            "model": [npz[n] for n in names if n.startswith("model_")],
+            "optimizer": [npz[n] for n in names if n.startswith("optimizer_")],
+        }
 
 
 def _assign(variables: list, arrays: list[np.ndarray], what: str) -> None:
     if len(variables) != len(arrays) or any(
-            tuple(v.shape) != a.shape for v, a in zip(variables, arrays, strict=True)):
+        tuple(v.shape) != a.shape for v, a in zip(variables, arrays, strict=True)
+    ):
         raise ValueError(f"its {what} variables do not match this model's")
     for variable, array in zip(variables, arrays, strict=True):
         variable.assign(array)
@@ -476,8 +551,10 @@ def apply_tuned(cfg: DictConfig) -> tuple[DictConfig, dict[str, object]]:
     cfg = cfg.copy()
     for key, value in tuned.items():
         if OmegaConf.select(cfg, key, default=_NOT_SET) is _NOT_SET:
-            raise ConfigError(f"{path}: tuned key {key!r} is not in the composed config (stale? "
-                              "rerun the tune stage)")
+            raise ConfigError(
+                f"{path}: tuned key {key!r} is not in the composed config (stale? "
+                "rerun the tune stage)"
+            )
         OmegaConf.update(cfg, key, value, merge=False)
     try:
         validate(cfg)
@@ -518,8 +595,9 @@ def run(cfg: DictConfig) -> FitResult:
     val = load_split(cfg.data.prepared_dir, "val")
     tracking.setup(cfg)
     tune_report = reports / "tune.json"
-    tune_run = (json.loads(tune_report.read_text()).get("mlflow_run_id")
-                if tune_report.exists() else None)
+    tune_run = (
+        json.loads(tune_report.read_text()).get("mlflow_run_id") if tune_report.exists() else None
+    )
     with mlflow.start_run(run_name=f"{cfg.model.name}-{cfg.get('profile', '')}") as active:
         mlflow.set_tags(tracking.run_tags(cfg, "train"))
         if tune_run:
@@ -532,13 +610,15 @@ def run(cfg: DictConfig) -> FitResult:
         mlflow.log_dict(index["counts"], "data/split_counts.json")
         work = WORK_DIR / f"train-{config_digest(cfg)}-{index['data_version'][:8]}"
         result = fit(cfg, train, val, work, csv_log=reports / "plots" / "training_curves.csv")
-        mlflow.log_metrics({
-            f"best_{cfg.train.monitor}": result.best_value,
-            "best_epoch": result.best_epoch,
-            "train_seconds": result.seconds,
-            "train_images_per_second": result.images_per_second,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        })
+        mlflow.log_metrics(
+            {
+                f"best_{cfg.train.monitor}": result.best_value,
+                "best_epoch": result.best_epoch,
+                "train_seconds": result.seconds,
+                "train_images_per_second": result.images_per_second,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
         save_model_atomically(result.model, Path(cfg.train.model_dir) / MODEL_FILE)
         run_id = active.info.run_id
     shutil.rmtree(work, ignore_errors=True)
@@ -551,8 +631,11 @@ def run(cfg: DictConfig) -> FitResult:
         "parameters": int(result.model.count_params()),
     }
     (reports / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (reports / "train_run.json").write_text(json.dumps(
-        {"mlflow_run_id": run_id, "tuned": tuned}, indent=2, default=str) + "\n")
-    print(f"train: best epoch {result.best_epoch} {cfg.train.monitor}={result.best_value:.4f} "
-          f"in {result.seconds:.0f}s ({result.images_per_second:.0f} img/s); run {run_id}")
+    (reports / "train_run.json").write_text(
+        json.dumps({"mlflow_run_id": run_id, "tuned": tuned}, indent=2, default=str) + "\n"
+    )
+    print(
+        f"train: best epoch {result.best_epoch} {cfg.train.monitor}={result.best_value:.4f} "
+        f"in {result.seconds:.0f}s ({result.images_per_second:.0f} img/s); run {run_id}"
+    )
     return result

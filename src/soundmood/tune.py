@@ -54,16 +54,26 @@ from soundmood.processes import is_alive
 
 OBJECTIVES = ("val_macro_f1", "val_accuracy")
 PRUNERS = ("median", "hyperband", "none")
-FIELDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
-          "categorical": {"choices"}}
+FIELDS = {
+    "float": {"low", "high", "log", "step"},
+    "int": {"low", "high", "log", "step"},
+    "categorical": {"choices"},
+}
 SCALARS = (bool, int, float, str, type(None))
 UNTUNABLE_GROUPS = ("data", "tune")  # data.* is fixed by prepare; tune.* configures the search
 # Config values no trial's result depends on (paths, the full run's epochs, hand-over switches):
 # changing them keeps the study.
-NOT_AFFECTING_TRIALS = frozenset({
-    "data.root", "data.prepared_dir", "model.weights", "train.model_dir", "train.use_tuned",
-    "train.epochs", "train.threads",
-})
+NOT_AFFECTING_TRIALS = frozenset(
+    {
+        "data.root",
+        "data.prepared_dir",
+        "model.weights",
+        "train.model_dir",
+        "train.use_tuned",
+        "train.epochs",
+        "train.threads",
+    }
+)
 TUNE_KEYS_AFFECTING_TRIALS = ("tune.epochs", "tune.subset_fraction", "tune.objective")
 # Trials that failed because their process stopped, not because of their values (or, "surplus",
 # that a concurrent worker took the last place in the budget first): they do not use up the
@@ -94,8 +104,9 @@ class Param:
         if self.kind == "float":
             return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
         if self.kind == "int":
-            return trial.suggest_int(self.key, self.low, self.high, step=self.step or 1,
-                                     log=self.log)
+            return trial.suggest_int(
+                self.key, self.low, self.high, step=self.step or 1, log=self.log
+            )
         return trial.suggest_categorical(self.key, list(self.choices))
 
     def contains(self, value: Any) -> bool:
@@ -127,13 +138,17 @@ def parse_space(cfg: DictConfig) -> list[Param]:
     """Check `tune.space` against the composed config; every error names the offending key."""
     space = cfg.tune.get("space")
     if not space:
-        raise ConfigError("tune.space: no parameter declared (set tune.enabled=false to skip "
-                          "tuning)")
+        raise ConfigError(
+            "tune.space: no parameter declared (set tune.enabled=false to skip tuning)"
+        )
     if not isinstance(space, DictConfig):
-        raise ConfigError(f"tune.space: expected a mapping of config key -> distribution, "
-                          f"got {space!r}")
-    params = [parse_param(cfg, str(key), spec)
-              for key, spec in OmegaConf.to_container(space, resolve=True).items()]
+        raise ConfigError(
+            f"tune.space: expected a mapping of config key -> distribution, got {space!r}"
+        )
+    params = [
+        parse_param(cfg, str(key), spec)
+        for key, spec in OmegaConf.to_container(space, resolve=True).items()
+    ]
     for param in params:
         check_values_accepted(cfg, param)
     return params
@@ -142,23 +157,29 @@ def parse_space(cfg: DictConfig) -> list[Param]:
 def parse_param(cfg: DictConfig, key: str, spec: Any) -> Param:
     where = f"tune.space.{key}"
     if key.split(".")[0] in UNTUNABLE_GROUPS:
-        raise ConfigError(f"{where}: {key!r} cannot be tuned (data.* is fixed by the prepare "
-                          f"stage, tune.* configures the search)")
+        raise ConfigError(
+            f"{where}: {key!r} cannot be tuned (data.* is fixed by the prepare "
+            f"stage, tune.* configures the search)"
+        )
     current = OmegaConf.select(cfg, key, default=_MISSING)
     if current is _MISSING:
         raise ConfigError(f"{where}: {key!r} is not a key of the composed config")
     if isinstance(current, DictConfig | ListConfig):
         raise ConfigError(f"{where}: {key!r} is a group or list, not a single value")
     if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: expected a mapping such as {{type: float, low: ..., "
-                          f"high: ...}}, got {spec!r}")
+        raise ConfigError(
+            f"{where}: expected a mapping such as {{type: float, low: ..., "
+            f"high: ...}}, got {spec!r}"
+        )
     kind = spec.get("type")
     if kind not in FIELDS:
         raise ConfigError(f"{where}.type: {kind!r} is not float, int or categorical")
     unknown = sorted(set(spec) - FIELDS[kind] - {"type"})
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} for type {kind} "
-                          f"(allowed: {', '.join(sorted(FIELDS[kind]))})")
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(unknown)} for type {kind} "
+            f"(allowed: {', '.join(sorted(FIELDS[kind]))})"
+        )
     if kind == "categorical":
         return _parse_categorical(where, key, spec)
     return _parse_numeric(where, key, kind, spec)
@@ -170,8 +191,9 @@ def _parse_categorical(where: str, key: str, spec: dict) -> Param:
         raise ConfigError(f"{where}.choices: must be a non-empty list")
     for choice in choices:
         if not isinstance(choice, SCALARS):
-            raise ConfigError(f"{where}.choices: {choice!r} is not a bool, int, float, string "
-                              f"or null")
+            raise ConfigError(
+                f"{where}.choices: {choice!r} is not a bool, int, float, string or null"
+            )
     if len({(type(c), c) for c in choices}) != len(choices):
         raise ConfigError(f"{where}.choices: {choices} lists a value twice")
     return Param(key, "categorical", choices=tuple(choices))
@@ -202,8 +224,9 @@ def _parse_numeric(where: str, key: str, kind: str, spec: dict) -> Param:
         if log and (kind == "float" or step != 1):
             raise ConfigError(f"{where}: log and step cannot be combined")
     if kind == "float":
-        return Param(key, kind, float(low), float(high), log,
-                     float(step) if step is not None else None)
+        return Param(
+            key, kind, float(low), float(high), log, float(step) if step is not None else None
+        )
     return Param(key, kind, low, high, log, step)
 
 
@@ -221,12 +244,14 @@ def check_values_accepted(cfg: DictConfig, param: Param) -> None:
         try:
             validate(with_values(cfg, {param.key: value}))
         except ConfigError as exc:
-            raise ConfigError(f"tune.space.{param.key}: {value!r} is a value the pipeline "
-                              f"rejects ({exc})") from exc
+            raise ConfigError(
+                f"tune.space.{param.key}: {value!r} is a value the pipeline rejects ({exc})"
+            ) from exc
 
 
 def validate_tune(tune: DictConfig) -> None:
     """The search's own settings, checked before any work (message names the key)."""
+
     def require(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ConfigError(f"tune.{key}: {message}")
@@ -234,20 +259,28 @@ def validate_tune(tune: DictConfig) -> None:
     def positive_int(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
-    require(tune.objective in OBJECTIVES, "objective",
-            f"{tune.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    require(
+        tune.objective in OBJECTIVES,
+        "objective",
+        f"{tune.objective!r} is not one of {', '.join(OBJECTIVES)}",
+    )
     require(tune.pruner in PRUNERS, "pruner", f"{tune.pruner!r} is not one of {', '.join(PRUNERS)}")
     require(positive_int(tune.n_trials), "n_trials", "must be an int >= 1")
     require(positive_int(tune.epochs), "epochs", "must be an int >= 1")
     require(0 < tune.subset_fraction <= 1, "subset_fraction", "must be in (0, 1]")
     require(tune.timeout_s is None or tune.timeout_s > 0, "timeout_s", "must be null or > 0")
-    require(isinstance(tune.storage, str) and "://" in tune.storage, "storage",
-            f"{tune.storage!r} is not an SQLAlchemy URL such as sqlite:///optuna.db")
+    require(
+        isinstance(tune.storage, str) and "://" in tune.storage,
+        "storage",
+        f"{tune.storage!r} is not an SQLAlchemy URL such as sqlite:///optuna.db",
+    )
     for key in ("sampler_startup_trials", "pruner_startup_trials", "pruner_warmup_steps"):
         require(isinstance(tune[key], int) and tune[key] >= 0, key, "must be an int >= 0")
-    require(isinstance(tune.hyperband_reduction_factor, int)
-            and tune.hyperband_reduction_factor >= 2, "hyperband_reduction_factor",
-            "must be an int >= 2")
+    require(
+        isinstance(tune.hyperband_reduction_factor, int) and tune.hyperband_reduction_factor >= 2,
+        "hyperband_reduction_factor",
+        "must be an int >= 2",
+    )
 
 
 # --- the study -------------------------------------------------------------------------------
@@ -256,10 +289,15 @@ def validate_tune(tune: DictConfig) -> None:
 def study_name(cfg: DictConfig, params: list[Param]) -> str:
     """Data version + digest of the space and of every value a trial's result depends on."""
     tuned = {p.key for p in params}
-    fixed = {k: v for k, v in flatten(cfg).items()
-             if (k.split(".")[0] in ("seed", "data", "model", "train")
-                 or k in TUNE_KEYS_AFFECTING_TRIALS)
-             and k not in NOT_AFFECTING_TRIALS and k not in tuned}
+    fixed = {
+        k: v
+        for k, v in flatten(cfg).items()
+        if (
+            k.split(".")[0] in ("seed", "data", "model", "train") or k in TUNE_KEYS_AFFECTING_TRIALS
+        )
+        and k not in NOT_AFFECTING_TRIALS
+        and k not in tuned
+    }
     space = {p.key: [p.kind, p.low, p.high, p.log, p.step, list(p.choices)] for p in params}
     blob = json.dumps({"space": space, "fixed": fixed}, sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
@@ -285,27 +323,31 @@ def printable_url(url: str) -> str:
 def make_sampler(tune: DictConfig, n_existing: int, worker: int) -> optuna.samplers.TPESampler:
     """TPE seeded from tune.sampler_seed; the seed also mixes in how many trials the study holds
     and the worker's index, so a resumed run or a second worker does not replay the same draws."""
-    seed = int(np.random.SeedSequence([tune.sampler_seed, n_existing, worker])
-               .generate_state(1)[0])
+    seed = int(np.random.SeedSequence([tune.sampler_seed, n_existing, worker]).generate_state(1)[0])
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune.sampler_startup_trials)
 
 
 def make_pruner(tune: DictConfig) -> optuna.pruners.BasePruner:
     if tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials,
-                                           n_warmup_steps=tune.pruner_warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=tune.pruner_startup_trials, n_warmup_steps=tune.pruner_warmup_steps
+        )
     if tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=tune.epochs,
-            reduction_factor=tune.hyperband_reduction_factor)
+            min_resource=1,
+            max_resource=tune.epochs,
+            reduction_factor=tune.hyperband_reduction_factor,
+        )
     return optuna.pruners.NopPruner()
 
 
 def counts_toward_budget(trial: FrozenTrial) -> bool:
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return (trial.state == TrialState.FAIL
-            and trial.user_attrs.get("fail_reason") not in NOT_COUNTED_REASONS)
+    return (
+        trial.state == TrialState.FAIL
+        and trial.user_attrs.get("fail_reason") not in NOT_COUNTED_REASONS
+    )
 
 
 def budget_used(study: optuna.Study) -> int:
@@ -319,9 +361,11 @@ def is_live_running(trial: FrozenTrial) -> bool:
 def budget_taken(study: optuna.Study, before: int | None = None) -> int:
     """Trials counted plus those running in live workers (places in the budget already taken);
     with `before`, only trials numbered below it."""
-    return sum(counts_toward_budget(t) or is_live_running(t)
-               for t in study.get_trials(deepcopy=False)
-               if before is None or t.number < before)
+    return sum(
+        counts_toward_budget(t) or is_live_running(t)
+        for t in study.get_trials(deepcopy=False)
+        if before is None or t.number < before
+    )
 
 
 def worker_id() -> str:
@@ -404,19 +448,22 @@ def trial_work_dir(name: str, number: int) -> Path:
     return train.WORK_DIR / f"tune-{name}-{number}"
 
 
-def stratified_subset(x: np.ndarray, y: np.ndarray, fraction: float,
-                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_subset(
+    x: np.ndarray, y: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The same seeded, stratified fraction of train for every trial (comparable trials)."""
     if fraction >= 1.0:
         return x, y
     from sklearn.model_selection import train_test_split
 
     try:
-        keep, _ = train_test_split(np.arange(len(y)), train_size=fraction, stratify=y,
-                                   random_state=seed)
+        keep, _ = train_test_split(
+            np.arange(len(y)), train_size=fraction, stratify=y, random_state=seed
+        )
     except ValueError as exc:
-        raise ConfigError(f"tune.subset_fraction: {fraction} of {len(y)} images cannot keep "
-                          f"every class ({exc})") from exc
+        raise ConfigError(
+            f"tune.subset_fraction: {fraction} of {len(y)} images cannot keep every class ({exc})"
+        ) from exc
     keep = np.sort(keep)
     return x[keep], y[keep]
 
@@ -473,14 +520,23 @@ class Objective:
             # another worker took the last place between our budget check and ask()
             trial.set_user_attr("fail_reason", "surplus")
             trial.study.stop()
-            raise SurplusTrial(f"trial {trial.number}: the budget of {self.cfg.tune.n_trials} "
-                               f"trials is already taken")
+            raise SurplusTrial(
+                f"trial {trial.number}: the budget of {self.cfg.tune.n_trials} "
+                f"trials is already taken"
+            )
         values = {p.key: p.suggest(trial) for p in self.params}
-        tags = {"optuna.study_name": self.study_name, "optuna.trial_number": str(trial.number),
-                "stage": "tune-trial"}
+        tags = {
+            "optuna.study_name": self.study_name,
+            "optuna.trial_number": str(trial.number),
+            "stage": "tune-trial",
+        }
         start = time.perf_counter()
-        run = mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id,
-                               nested=True, tags=tags)
+        run = mlflow.start_run(
+            run_name=f"trial-{trial.number}",
+            parent_run_id=self.parent_run_id,
+            nested=True,
+            tags=tags,
+        )
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         trial.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
         mlflow.log_params(values)
@@ -491,9 +547,11 @@ class Objective:
             mlflow.log_metric(self.cfg.tune.objective, value)
             return value
         except optuna.TrialPruned:
-            outcome = {"optuna.state": "PRUNED",
-                       "optuna.pruned_step": str(trial.user_attrs.get("pruned_step")),
-                       "optuna.reason": str(trial.user_attrs.get("prune_reason"))}
+            outcome = {
+                "optuna.state": "PRUNED",
+                "optuna.pruned_step": str(trial.user_attrs.get("pruned_step")),
+                "optuna.reason": str(trial.user_attrs.get("prune_reason")),
+            }
             status = "FINISHED"
             raise
         except KeyboardInterrupt:
@@ -520,9 +578,15 @@ class Objective:
         validate(trial_cfg)
         tune = self.cfg.tune
         pruning = PruneOnObjective(trial, tune.objective)
-        result = train.fit(trial_cfg, self.train_data, self.val_data,
-                           trial_work_dir(self.study_name, trial.number),
-                           extra_callbacks=[pruning], epochs=tune.epochs, verbose=0)
+        result = train.fit(
+            trial_cfg,
+            self.train_data,
+            self.val_data,
+            trial_work_dir(self.study_name, trial.number),
+            extra_callbacks=[pruning],
+            epochs=tune.epochs,
+            verbose=0,
+        )
         if pruning.stopped_at is not None:
             trial.set_user_attr("pruned_step", pruning.stopped_at)
             trial.set_user_attr("prune_reason", pruning.reason)
@@ -549,12 +613,16 @@ class Progress:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.user_attrs.get("fail_reason") == "surplus":
             return
-        print(f"{self.prefix}: {describe_trial(trial, self.objective)} "
-              f"(total {time.monotonic() - self.started:.0f}s)", flush=True)
+        print(
+            f"{self.prefix}: {describe_trial(trial, self.objective)} "
+            f"(total {time.monotonic() - self.started:.0f}s)",
+            flush=True,
+        )
         if trial.state == TrialState.COMPLETE and study.best_trial.number == trial.number:
             client = MlflowClient()
-            client.log_metric(self.parent_run_id, f"best_{self.objective}", trial.value,
-                              step=trial.number)
+            client.log_metric(
+                self.parent_run_id, f"best_{self.objective}", trial.value, step=trial.number
+            )
             client.set_tag(self.parent_run_id, "best_trial", str(trial.number))
 
 
@@ -579,6 +647,7 @@ def _short(value: Any) -> str:
 def stop_at_budget(n_trials: int) -> Callable[[optuna.Study, FrozenTrial], None]:
     """Stop this worker once the trials counted plus those other live workers are running fill
     the budget (they finish it; a worker that starts one more would overshoot n_trials)."""
+
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         if budget_taken(study) >= n_trials:
             study.stop()
@@ -586,8 +655,15 @@ def stop_at_budget(n_trials: int) -> Callable[[optuna.Study, FrozenTrial], None]
     return callback
 
 
-def optimize(cfg: DictConfig, params: list[Param], name: str, parent_run_id: str,
-             deadline: float | None, worker: int = 0, parent: str = "") -> None:
+def optimize(
+    cfg: DictConfig,
+    params: list[Param],
+    name: str,
+    parent_run_id: str,
+    deadline: float | None,
+    worker: int = 0,
+    parent: str = "",
+) -> None:
     """Run trials on the study until n_trials count, the deadline (time.monotonic) passes, or
     Ctrl-C (re-raised after the current trial is recorded as FAIL 'interrupted')."""
     tune = cfg.tune
@@ -597,19 +673,36 @@ def optimize(cfg: DictConfig, params: list[Param], name: str, parent_run_id: str
     timeout = None if deadline is None else deadline - time.monotonic()
     if remaining <= 0 or (timeout is not None and timeout <= 0):
         return
-    study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(tune),
-                              sampler=make_sampler(tune, len(held.trials), worker))
+    study = optuna.load_study(
+        study_name=name,
+        storage=storage,
+        pruner=make_pruner(tune),
+        sampler=make_sampler(tune, len(held.trials), worker),
+    )
     x, y = load_split(cfg.data.prepared_dir, "train")
-    objective = Objective(cfg, params, name, parent_run_id,
-                          stratified_subset(x, y, tune.subset_fraction, cfg.seed),
-                          load_split(cfg.data.prepared_dir, "val"), worker, parent)
+    objective = Objective(
+        cfg,
+        params,
+        name,
+        parent_run_id,
+        stratified_subset(x, y, tune.subset_fraction, cfg.seed),
+        load_split(cfg.data.prepared_dir, "val"),
+        worker,
+        parent,
+    )
     prefix = f"tune[worker {worker}]" if parent and parent != worker_id() else "tune"
     callbacks = [Progress(tune.objective, parent_run_id, prefix), stop_at_budget(tune.n_trials)]
     with warnings.catch_warnings():
         # a surplus trial is recorded FAIL on purpose; Optuna would warn about it
         warnings.simplefilter("ignore")
-        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
-                       callbacks=callbacks, gc_after_trial=True)
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=timeout,
+            catch=(Exception,),
+            callbacks=callbacks,
+            gc_after_trial=True,
+        )
 
 
 # --- N worker processes ----------------------------------------------------------------------
@@ -622,8 +715,9 @@ def worker_threads(cfg: DictConfig, workers: int) -> int:
     return max(1, total // workers)
 
 
-def _worker_main(config: dict, name: str, parent_run_id: str, deadline: float | None,
-                 worker: int, parent: str) -> None:
+def _worker_main(
+    config: dict, name: str, parent_run_id: str, deadline: float | None, worker: int, parent: str
+) -> None:
     """Entry point of a spawned worker process: one `optimize` on the shared study."""
     cfg = OmegaConf.create(config)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -634,20 +728,25 @@ def _worker_main(config: dict, name: str, parent_run_id: str, deadline: float | 
         raise SystemExit(130) from None
 
 
-def optimize_in_workers(cfg: DictConfig, name: str, parent_run_id: str, deadline: float | None,
-                        workers: int) -> tuple[bool, dict[int, int]]:
+def optimize_in_workers(
+    cfg: DictConfig, name: str, parent_run_id: str, deadline: float | None, workers: int
+) -> tuple[bool, dict[int, int]]:
     """Run `optimize` in `workers` spawned processes on the study and wait for them. Returns
     whether Ctrl-C interrupted them and the exit code of each worker that failed. A worker
     that dies leaves its trial RUNNING: the others stop counting it (its process is gone) and
     fill the budget, and its trial is marked FAIL 'orphaned' here once all have stopped."""
     threads = worker_threads(cfg, workers)
-    worker_cfg = OmegaConf.to_container(with_values(cfg, {"train.threads": threads}),
-                                        resolve=True)
+    worker_cfg = OmegaConf.to_container(with_values(cfg, {"train.threads": threads}), resolve=True)
     context = multiprocessing.get_context("spawn")
     parent = worker_id()
-    processes = [context.Process(target=_worker_main, name=f"soundmood-tune-worker-{i}",
-                                 args=(worker_cfg, name, parent_run_id, deadline, i, parent))
-                 for i in range(workers)]
+    processes = [
+        context.Process(
+            target=_worker_main,
+            name=f"soundmood-tune-worker-{i}",
+            args=(worker_cfg, name, parent_run_id, deadline, i, parent),
+        )
+        for i in range(workers)
+    ]
     print(f"tune: {workers} workers, {threads} TensorFlow thread(s) each", flush=True)
     for process in processes:
         process.start()
@@ -689,13 +788,16 @@ def run(cfg: DictConfig, workers: int = 1) -> dict[str, Any]:
     validate_tune(cfg.tune)
     params = parse_space(cfg)
     if workers > 1 and is_sqlite(cfg.tune.storage):
-        print(f"tune: warning: {workers} workers on a SQLite study work on this machine only "
-              f"(SQLite is for one machine; a PostgreSQL tune.storage lets other machines join)",
-              flush=True)
+        print(
+            f"tune: warning: {workers} workers on a SQLite study work on this machine only "
+            f"(SQLite is for one machine; a PostgreSQL tune.storage lets other machines join)",
+            flush=True,
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name, storage = study_name(cfg, params), make_storage(cfg.tune.storage)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=name, storage=storage, direction="maximize", load_if_exists=True
+    )
     tracking.setup(cfg)
     orphans = fail_orphaned_trials(study, storage)
     if not study.trials and cfg.tune.enqueue_baseline:
@@ -704,49 +806,71 @@ def run(cfg: DictConfig, workers: int = 1) -> dict[str, Any]:
     deadline = started + cfg.tune.timeout_s if cfg.tune.timeout_s else None
     interrupted, failed_workers = False, {}
     with mlflow.start_run(run_name=f"tune-{name}") as parent:
-        mlflow.set_tags({**tracking.run_tags(cfg, "tune"), "optuna.study_name": name,
-                         "optuna.storage": printable_url(cfg.tune.storage)})
+        mlflow.set_tags(
+            {
+                **tracking.run_tags(cfg, "tune"),
+                "optuna.study_name": name,
+                "optuna.storage": printable_url(cfg.tune.storage),
+            }
+        )
         tracking.log_config(cfg)
-        print(f"tune: study {name} in {printable_url(cfg.tune.storage)}: "
-              f"{budget_used(study)}/{cfg.tune.n_trials} trials done"
-              + (f", orphaned trials {orphans} marked FAIL" if orphans else "")
-              + "; space: " + "; ".join(p.describe() for p in params), flush=True)
+        print(
+            f"tune: study {name} in {printable_url(cfg.tune.storage)}: "
+            f"{budget_used(study)}/{cfg.tune.n_trials} trials done"
+            + (f", orphaned trials {orphans} marked FAIL" if orphans else "")
+            + "; space: "
+            + "; ".join(p.describe() for p in params),
+            flush=True,
+        )
         mlflow.set_tag("tune.workers", str(workers))
         if workers > 1:
-            interrupted, failed_workers = optimize_in_workers(cfg, name, parent.info.run_id,
-                                                              deadline, workers)
+            interrupted, failed_workers = optimize_in_workers(
+                cfg, name, parent.info.run_id, deadline, workers
+            )
             orphans = fail_orphaned_trials(study, storage)
             if orphans:
-                print(f"tune: trials {orphans} of dead workers marked FAIL (orphaned)",
-                      flush=True)
+                print(f"tune: trials {orphans} of dead workers marked FAIL (orphaned)", flush=True)
         else:
             try:
                 optimize(cfg, params, name, parent.info.run_id, deadline, parent=worker_id())
             except KeyboardInterrupt:
                 interrupted = True
                 running = optuna.load_study(study_name=name, storage=storage).trials[-1]
-                print(f"tune: interrupted; {describe_trial(running, cfg.tune.objective)}",
-                      flush=True)
+                print(
+                    f"tune: interrupted; {describe_trial(running, cfg.tune.objective)}", flush=True
+                )
         study = optuna.load_study(study_name=name, storage=storage)
-        report = write_reports(cfg, study, parent.info.run_id, time.monotonic() - started,
-                               interrupted)
+        report = write_reports(
+            cfg, study, parent.info.run_id, time.monotonic() - started, interrupted
+        )
         log_summary(cfg, study, report)
         if interrupted:
             mlflow.end_run("KILLED")
         elif failed_workers and budget_used(study) < cfg.tune.n_trials:
             mlflow.end_run("FAILED")
             raise RuntimeError(
-                "tune: worker(s) " + ", ".join(f"{i} (exit code {c})"
-                                               for i, c in failed_workers.items())
+                "tune: worker(s) "
+                + ", ".join(f"{i} (exit code {c})" for i, c in failed_workers.items())
                 + f" stopped early; {budget_used(study)}/{cfg.tune.n_trials} trials done. "
-                "Run the same command again to resume the study.")
+                "Run the same command again to resume the study."
+            )
     if failed_workers and not interrupted:
-        print("tune: warning: worker(s) " + ", ".join(map(str, failed_workers))
-              + " stopped early; the others finished the budget", flush=True)
-    best = (f"best trial {report['best_trial']} {cfg.tune.objective}={report['best_value']:.4f}"
-            if report["best_trial"] is not None else "no trial completed")
-    print(f"tune: {best}; trials {report['trials']}; {report['elapsed_seconds']:.0f}s; "
-          f"run {report['mlflow_run_id']}", flush=True)
+        print(
+            "tune: warning: worker(s) "
+            + ", ".join(map(str, failed_workers))
+            + " stopped early; the others finished the budget",
+            flush=True,
+        )
+    best = (
+        f"best trial {report['best_trial']} {cfg.tune.objective}={report['best_value']:.4f}"
+        if report["best_trial"] is not None
+        else "no trial completed"
+    )
+    print(
+        f"tune: {best}; trials {report['trials']}; {report['elapsed_seconds']:.0f}s; "
+        f"run {report['mlflow_run_id']}",
+        flush=True,
+    )
     return report
 
 
@@ -758,8 +882,9 @@ def best_params(study: optuna.Study) -> tuple[FrozenTrial | None, dict[str, Any]
     return best, dict(best.params)
 
 
-def write_reports(cfg: DictConfig, study: optuna.Study, run_id: str, elapsed: float,
-                  interrupted: bool) -> dict[str, Any]:
+def write_reports(
+    cfg: DictConfig, study: optuna.Study, run_id: str, elapsed: float, interrupted: bool
+) -> dict[str, Any]:
     best, values = best_params(study)
     _write_best_params(cfg, values)
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
@@ -775,8 +900,13 @@ def write_reports(cfg: DictConfig, study: optuna.Study, run_id: str, elapsed: fl
         "n_trials": cfg.tune.n_trials,
         "trials_counted": budget_used(study),
         "interrupted": interrupted,
-        "workers": sorted({str(t.user_attrs["worker"]) for t in study.get_trials(deepcopy=False)
-                           if "worker" in t.user_attrs}),
+        "workers": sorted(
+            {
+                str(t.user_attrs["worker"])
+                for t in study.get_trials(deepcopy=False)
+                if "worker" in t.user_attrs
+            }
+        ),
         "mlflow_run_id": run_id,
         "elapsed_seconds": round(elapsed, 1),
     }
@@ -813,12 +943,18 @@ def write_disabled(cfg: DictConfig) -> dict[str, Any]:
 def log_summary(cfg: DictConfig, study: optuna.Study, report: dict[str, Any]) -> None:
     """Best trial and counts as parent-run metrics; report, trials and Optuna's plots as files."""
     trials = report["trials"]
-    mlflow.log_metrics({"trials_complete": trials["COMPLETE"], "trials_pruned": trials["PRUNED"],
-                        "trials_failed": trials["FAIL"],
-                        "tune_seconds": report["elapsed_seconds"]})
+    mlflow.log_metrics(
+        {
+            "trials_complete": trials["COMPLETE"],
+            "trials_pruned": trials["PRUNED"],
+            "trials_failed": trials["FAIL"],
+            "tune_seconds": report["elapsed_seconds"],
+        }
+    )
     if report["best_trial"] is not None:
-        mlflow.log_metric(f"best_{cfg.tune.objective}", report["best_value"],
-                          step=report["best_trial"])
+        mlflow.log_metric(
+            f"best_{cfg.tune.objective}", report["best_value"], step=report["best_trial"]
+        )
         mlflow.set_tag("best_trial", str(report["best_trial"]))
     mlflow.log_dict(report, "tune/tune.json")
     mlflow.log_dict(report["best_params"], "tune/best_params.yaml")

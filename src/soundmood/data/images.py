@@ -46,8 +46,9 @@ def open_bounded(
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own, larger bound, hit while opening
-        raise ImageError(f"{label}: declared size makes it a decompression bomb; refused ({exc})"
-                         ) from exc
+        raise ImageError(
+            f"{label}: declared size makes it a decompression bomb; refused ({exc})"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{label}: not a decodable image (no known image format)") from exc
     except OSError as exc:  # truncated or corrupt data

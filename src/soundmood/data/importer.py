@@ -42,7 +42,8 @@ from soundmood.processes import is_alive
 OFFICIAL_LABEL_FILE = "list_patition_label.txt"  # sic: the official release's spelling
 OFFICIAL_LABEL_DIRS = ("EmoLabel", "EmotionLabel")
 KAGGLE_IMAGE = re.compile(
-    r"^(?P<prefix>(?:.*/)?)(?:DATASET/)?(?P<split>train|test)/(?P<label>\d+)/(?P<name>[^/]+)$")
+    r"^(?P<prefix>(?:.*/)?)(?:DATASET/)?(?P<split>train|test)/(?P<label>\d+)/(?P<name>[^/]+)$"
+)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 MAX_LISTED = 200  # problems listed one by one; beyond that a count
 
@@ -68,8 +69,11 @@ class Settings:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Settings:
         data = cfg.data
-        return cls(tuple(data.classes), {int(k): str(v) for k, v in data.rafdb_labels.items()},
-                   Limits(**{k: int(v) for k, v in data.limits.items()}))
+        return cls(
+            tuple(data.classes),
+            {int(k): str(v) for k, v in data.rafdb_labels.items()},
+            Limits(**{k: int(v) for k, v in data.limits.items()}),
+        )
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,10 @@ class FolderSource(Source):
                 elif name in filenames:
                     files[path.relative_to(root).as_posix()] = path.lstat().st_size
             if len(files) > limits.max_archive_files:
-                raise ArchiveError(f"{root}: more than data.limits.max_archive_files "
-                                   f"({limits.max_archive_files}) files; is it the RAF-DB folder?")
+                raise ArchiveError(
+                    f"{root}: more than data.limits.max_archive_files "
+                    f"({limits.max_archive_files}) files; is it the RAF-DB folder?"
+                )
         super().__init__(str(root), files, links)
         self.root = root
 
@@ -143,18 +149,26 @@ class ZipSource(Source):
     def _entries(self, path: Path, limits: Limits) -> tuple[dict[str, int], set[str]]:
         infos = self.zip.infolist()
         if len(infos) > limits.max_archive_files:
-            raise ArchiveError(f"{path}: {len(infos)} entries, over data.limits.max_archive_files "
-                               f"({limits.max_archive_files})")
+            raise ArchiveError(
+                f"{path}: {len(infos)} entries, over data.limits.max_archive_files "
+                f"({limits.max_archive_files})"
+            )
         unsafe = [i.filename for i in infos if not is_safe_entry(i.filename)]
         if unsafe:
-            raise ArchiveError(listing(
-                f"{path}: refused: entries with an absolute path or '..' would land outside the "
-                "target folder (zip-slip); nothing was extracted", unsafe))
+            raise ArchiveError(
+                listing(
+                    f"{path}: refused: entries with an absolute path or '..' would land outside "
+                    "the target folder (zip-slip); nothing was extracted",
+                    unsafe,
+                )
+            )
         total = sum(i.file_size for i in infos)
         if total > limits.max_archive_bytes:
-            raise ArchiveError(f"{path}: refused as a possible zip bomb: its entries declare "
-                               f"{total} bytes uncompressed, over data.limits.max_archive_bytes "
-                               f"({limits.max_archive_bytes})")
+            raise ArchiveError(
+                f"{path}: refused as a possible zip bomb: its entries declare "
+                f"{total} bytes uncompressed, over data.limits.max_archive_bytes "
+                f"({limits.max_archive_bytes})"
+            )
         files, links = {}, set()
         for info in infos:
             if stat.S_ISLNK(info.external_attr >> 16):
@@ -177,15 +191,20 @@ class ZipSource(Source):
 
 def is_finder_litter(entry: str) -> bool:
     parts = PurePosixPath(entry).parts
-    return "__MACOSX" in parts or (bool(parts) and (parts[-1].startswith("._")
-                                                    or parts[-1] == ".DS_Store"))
+    return "__MACOSX" in parts or (
+        bool(parts) and (parts[-1].startswith("._") or parts[-1] == ".DS_Store")
+    )
 
 
 def is_safe_entry(name: str) -> bool:
     """False for zip entries that would escape the extraction folder."""
     posix = name.replace("\\", "/")
-    return not (posix.startswith("/") or re.match(r"^[A-Za-z]:", posix) or "\0" in name
-                or ".." in PurePosixPath(posix).parts)
+    return not (
+        posix.startswith("/")
+        or re.match(r"^[A-Za-z]:", posix)
+        or "\0" in name
+        or ".." in PurePosixPath(posix).parts
+    )
 
 
 def open_source(path: Path, limits: Limits) -> Source:
@@ -203,16 +222,24 @@ def open_source(path: Path, limits: Limits) -> Source:
 
 def _only(candidates: list[str], what: str, where: str) -> str | None:
     if len(candidates) > 1:
-        raise ArchiveError(listing(f"{where}: several {what}; import one release at a time",
-                                   candidates))
+        raise ArchiveError(
+            listing(f"{where}: several {what}; import one release at a time", candidates)
+        )
     return candidates[0] if candidates else None
 
 
 def find_official(source: Source) -> str | None:
     """The label list's entry if the source is the official basic release."""
-    return _only(sorted(e for e in source.files if PurePosixPath(e).name == OFFICIAL_LABEL_FILE
-                        and PurePosixPath(e).parent.name in OFFICIAL_LABEL_DIRS),
-                 OFFICIAL_LABEL_FILE, source.where)
+    return _only(
+        sorted(
+            e
+            for e in source.files
+            if PurePosixPath(e).name == OFFICIAL_LABEL_FILE
+            and PurePosixPath(e).parent.name in OFFICIAL_LABEL_DIRS
+        ),
+        OFFICIAL_LABEL_FILE,
+        source.where,
+    )
 
 
 def official_items(source: Source, label_file: str, limits: Limits) -> tuple[list[Item], list[str]]:
@@ -246,13 +273,19 @@ def kaggle_items(source: Source, limits: Limits) -> tuple[list[Item], list[str]]
             prefixes.add(match["prefix"])
             found[match["split"]][match["name"]] = (int(match["label"]), entry)
     if len(prefixes) > 1:
-        raise ArchiveError(listing(f"{source.where}: several Kaggle-layout folders; import one "
-                                   "release at a time", sorted(p or "." for p in prefixes)))
+        raise ArchiveError(
+            listing(
+                f"{source.where}: several Kaggle-layout folders; import one release at a time",
+                sorted(p or "." for p in prefixes),
+            )
+        )
     items, problems = [], []
     for split in SPLITS:
-        csv_name = _only(sorted(e for e in source.files
-                                if PurePosixPath(e).name == f"{split}_labels.csv"),
-                         f"{split}_labels.csv", source.where)
+        csv_name = _only(
+            sorted(e for e in source.files if PurePosixPath(e).name == f"{split}_labels.csv"),
+            f"{split}_labels.csv",
+            source.where,
+        )
         labels = read_csv_labels(source, csv_name, limits, problems) if csv_name else None
         for name, (folder_label, entry) in sorted(found[split].items()):
             if labels is not None:
@@ -261,12 +294,16 @@ def kaggle_items(source: Source, limits: Limits) -> tuple[list[Item], list[str]]
                     problems.append(f"{source.where}: {entry}: not listed in {csv_name}")
                     continue
                 if listed != folder_label:
-                    problems.append(f"{source.where}: {entry}: in folder {folder_label} but "
-                                    f"{csv_name} says {listed}")
+                    problems.append(
+                        f"{source.where}: {entry}: in folder {folder_label} but "
+                        f"{csv_name} says {listed}"
+                    )
                     continue
             items.append(Item(entry, split, folder_label, name))
-        problems += [f"{source.where}: {csv_name} lists {key} but {split}/<label>/ has no "
-                     "such image" for key in sorted(labels or {})]
+        problems += [
+            f"{source.where}: {csv_name} lists {key} but {split}/<label>/ has no such image"
+            for key in sorted(labels or {})
+        ]
     return items, problems
 
 
@@ -278,23 +315,28 @@ def _key(name: str) -> str:
 def read_text(source: Source, entry: str, limits: Limits) -> str:
     data = source.read(entry, limits.max_file_bytes)
     if len(data) > limits.max_file_bytes:
-        raise ArchiveError(f"{source.where}: {entry} is over data.limits.max_file_bytes "
-                           f"({limits.max_file_bytes}) uncompressed; refused")
+        raise ArchiveError(
+            f"{source.where}: {entry} is over data.limits.max_file_bytes "
+            f"({limits.max_file_bytes}) uncompressed; refused"
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ArchiveError(f"{source.where}: {entry} is not a UTF-8 text file ({exc})") from exc
 
 
-def read_csv_labels(source: Source, entry: str, limits: Limits,
-                    problems: list[str]) -> dict[str, int]:
+def read_csv_labels(
+    source: Source, entry: str, limits: Limits, problems: list[str]
+) -> dict[str, int]:
     labels: dict[str, int] = {}
     for number, row in enumerate(csv.reader(io.StringIO(read_text(source, entry, limits))), 1):
         if not row or (number == 1 and not row[-1].strip().isdigit()):
             continue  # a blank line or the header
         if len(row) < 2 or not row[1].strip().isdigit():
-            problems.append(f"{source.where}: {entry} line {number}: expected 'image,label', got "
-                            f"{','.join(row)!r}")
+            problems.append(
+                f"{source.where}: {entry} line {number}: expected 'image,label', got "
+                f"{','.join(row)!r}"
+            )
             continue
         labels[_key(row[0].strip())] = int(row[1])
     return labels
@@ -310,7 +352,8 @@ def detect(source: Source, limits: Limits) -> tuple[str, list[Item], list[str]]:
     raise ArchiveError(
         f"{source.where}: no RAF-DB layout found: expected EmoLabel/{OFFICIAL_LABEL_FILE} with "
         "Image/aligned/ (official basic release) or DATASET/{train,test}/1..7/ with "
-        "train_labels.csv and test_labels.csv (Kaggle copy)")
+        "train_labels.csv and test_labels.csv (Kaggle copy)"
+    )
 
 
 def select(items: list[Item], settings: Settings, where: str) -> tuple[list[Item], list[str]]:
@@ -318,12 +361,15 @@ def select(items: list[Item], settings: Settings, where: str) -> tuple[list[Item
     kept, problems, seen = [], [], set()
     for item in items:
         if item.raf_label not in RAFDB_LABEL_NAMES:
-            problems.append(f"{where}: {item.entry}: label {item.raf_label} is not a RAF-DB "
-                            "basic label (1..7)")
+            problems.append(
+                f"{where}: {item.entry}: label {item.raf_label} is not a RAF-DB basic label (1..7)"
+            )
         elif item.raf_label not in settings.labels:
             continue
-        elif not SAFE_NAME.match(item.name) or \
-                PurePosixPath(item.name).suffix.lower() not in IMAGE_SUFFIXES:
+        elif (
+            not SAFE_NAME.match(item.name)
+            or PurePosixPath(item.name).suffix.lower() not in IMAGE_SUFFIXES
+        ):
             problems.append(f"{where}: {item.entry}: unusable image file name {item.name!r}")
         elif (item.split, item.name) in seen:
             problems.append(f"{where}: {item.entry}: a second {item.split} image named {item.name}")
@@ -340,8 +386,10 @@ def check_image(source: Source, item: Item, limits: Limits) -> tuple[bytes | Non
         return None, f"{label}: is a symlink; symlinks are never followed"
     if item.entry not in source.files:
         return None, f"{label}: missing"
-    bomb = (f"uncompressed, over data.limits.max_file_bytes ({limits.max_file_bytes}); "
-            "refused as a possible decompression bomb")
+    bomb = (
+        f"uncompressed, over data.limits.max_file_bytes ({limits.max_file_bytes}); "
+        "refused as a possible decompression bomb"
+    )
     if source.files[item.entry] > limits.max_file_bytes:  # declared: refused before inflating
         return None, f"{label}: {source.files[item.entry]} bytes {bomb}"
     data = source.read(item.entry, limits.max_file_bytes)
@@ -382,8 +430,9 @@ def import_rafdb(source_path: Path, out: Path, settings: Settings) -> Summary:
         stop_if(problems, source.where)
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_staging(out)
-        staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-",
-                                        dir=out.parent))
+        staging = Path(
+            tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent)
+        )
         try:
             counts = _write_tree(source, kept, staging / "tree", settings)
             replaced = _move_into_place(staging, out)
@@ -391,8 +440,14 @@ def import_rafdb(source_path: Path, out: Path, settings: Settings) -> Summary:
             shutil.rmtree(staging, ignore_errors=True)
     finally:
         source.close()
-    dropped = {s: Counter(RAFDB_LABEL_NAMES[i.raf_label] for i in items
-                          if i.split == s and i.raf_label not in settings.labels) for s in SPLITS}
+    dropped = {
+        s: Counter(
+            RAFDB_LABEL_NAMES[i.raf_label]
+            for i in items
+            if i.split == s and i.raf_label not in settings.labels
+        )
+        for s in SPLITS
+    }
     return Summary(layout, counts, dropped, out, replaced)
 
 
@@ -413,8 +468,9 @@ def _remove_stale_staging(out: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _write_tree(source: Source, items: list[Item], tree: Path,
-                settings: Settings) -> dict[str, Counter]:
+def _write_tree(
+    source: Source, items: list[Item], tree: Path, settings: Settings
+) -> dict[str, Counter]:
     """Check every image; write the good ones only while no problem was found (to name them all)."""
     counts = {s: Counter() for s in SPLITS}
     for split in SPLITS:
@@ -452,8 +508,11 @@ def _move_into_place(staging: Path, out: Path) -> bool:
 
 def stop_if(problems: list[str], where: str) -> None:
     if problems:
-        raise ArchiveError(listing(f"{where}: import refused, nothing written: "
-                                   f"{len(problems)} problem(s)", problems))
+        raise ArchiveError(
+            listing(
+                f"{where}: import refused, nothing written: {len(problems)} problem(s)", problems
+            )
+        )
 
 
 def listing(head: str, lines: list[str]) -> str:

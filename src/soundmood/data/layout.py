@@ -37,5 +37,12 @@ def data_version(dvc_file: Path = Path("data.dvc")) -> str:
 
 # RAF-DB basic's seven labels (EmoLabel/list_patition_label.txt); conf data.rafdb_labels maps the
 # ones we keep to our classes.
-RAFDB_LABEL_NAMES = {1: "surprise", 2: "fear", 3: "disgust", 4: "happiness", 5: "sadness",
-                     6: "anger", 7: "neutral"}
+RAFDB_LABEL_NAMES = {
+    1: "surprise",
+    2: "fear",
+    3: "disgust",
+    4: "happiness",
+    5: "sadness",
+    6: "anger",
+    7: "neutral",
+}

@@ -60,8 +60,9 @@ def decode_all(samples: list[Sample], size: int, desc: str) -> np.ndarray:
     return out
 
 
-def load_split(prepared_dir: str | Path, split: str,
-               mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+    prepared_dir: str | Path, split: str, mmap: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 NxSxSx3, labels int64) of one prepared split."""
     base = Path(prepared_dir)
     mode = "r" if mmap else None

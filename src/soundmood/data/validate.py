@@ -51,9 +51,15 @@ class Rules:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Rules:
         data = cfg.data
-        return cls(tuple(data.classes), int(data.source_size), str(data.on_bad_format),
-                   int(data.convert_min_side), int(data.near_duplicate_bits),
-                   int(data.limits.max_image_pixels), int(data.limits.max_file_bytes))
+        return cls(
+            tuple(data.classes),
+            int(data.source_size),
+            str(data.on_bad_format),
+            int(data.convert_min_side),
+            int(data.near_duplicate_bits),
+            int(data.limits.max_image_pixels),
+            int(data.limits.max_file_bytes),
+        )
 
 
 @dataclass
@@ -66,7 +72,8 @@ class Findings:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     by_md5: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     dhashes: dict[str, list[tuple[str, np.ndarray]]] = field(
-        default_factory=lambda: {s: [] for s in SPLITS})
+        default_factory=lambda: {s: [] for s in SPLITS}
+    )
 
 
 def dhash(img: Image.Image) -> np.ndarray:
@@ -87,13 +94,16 @@ def _folder_problems(root: Path, classes: tuple[str, ...]) -> list[str]:
             continue
         entries = sorted(split_dir.iterdir())
         present = {p.name for p in entries if p.is_dir()}
-        problems += [f"{split_dir / c}: class folder is missing" for c in classes
-                     if c not in present]
+        problems += [
+            f"{split_dir / c}: class folder is missing" for c in classes if c not in present
+        ]
         for entry in entries:
             if entry.is_dir() and entry.name not in classes:
                 n = sum(1 for p in entry.rglob("*") if p.is_file())
-                problems.append(f"{entry}: unknown class folder holding {n} file(s) "
-                                f"(expected only {', '.join(classes)})")
+                problems.append(
+                    f"{entry}: unknown class folder holding {n} file(s) "
+                    f"(expected only {', '.join(classes)})"
+                )
             elif not entry.is_dir():
                 problems.append(f"{entry}: stray file outside the class folders")
     return problems
@@ -105,8 +115,9 @@ def _check_image(path: Path, split: str, root: Path, rules: Rules, found: Findin
         return
     size = path.stat().st_size
     if size > rules.max_file_bytes:  # never read a huge file whole
-        found.problems.append(f"{path}: {size} bytes, over data.limits.max_file_bytes "
-                              f"({rules.max_file_bytes})")
+        found.problems.append(
+            f"{path}: {size} bytes, over data.limits.max_file_bytes ({rules.max_file_bytes})"
+        )
         return
     data = path.read_bytes()
     try:
@@ -123,8 +134,9 @@ def _check_image(path: Path, split: str, root: Path, rules: Rules, found: Findin
     found.dhashes[split].append((rel, dhash(img)))
 
 
-def _bad_format(path: Path, rel: str, img: Image.Image, rules: Rules,
-                found: Findings) -> Image.Image | None:
+def _bad_format(
+    path: Path, rel: str, img: Image.Image, rules: Rules, found: Findings
+) -> Image.Image | None:
     """The converted image when data.on_bad_format allows it, else None (an error is recorded)."""
     what = f"is {img.width}x{img.height} {img.mode}, expected {rules.size}x{rules.size} RGB"
     if rules.on_bad_format != "convert":
@@ -132,8 +144,10 @@ def _bad_format(path: Path, rel: str, img: Image.Image, rules: Rules,
         found.format_problems += 1
         return None
     if min(img.size) < rules.convert_min_side:
-        found.problems.append(f"{path}: {what}, and a side under data.convert_min_side "
-                              f"({rules.convert_min_side}) leaves no face to convert")
+        found.problems.append(
+            f"{path}: {what}, and a side under data.convert_min_side "
+            f"({rules.convert_min_side}) leaves no face to convert"
+        )
         return None
     try:
         rgb = to_rgb(img)
@@ -153,10 +167,12 @@ def _walk(root: Path, rules: Rules, found: Findings) -> None:
                 continue
             entries = sorted(folder.iterdir())
             files = [p for p in entries if not p.is_dir()]
-            found.problems += [f"{p}: unexpected folder inside a class folder" for p in entries
-                               if p.is_dir()]
-            for path in tqdm(files, desc=f"validate {split}/{name}", unit="img", mininterval=2,
-                             leave=False):
+            found.problems += [
+                f"{p}: unexpected folder inside a class folder" for p in entries if p.is_dir()
+            ]
+            for path in tqdm(
+                files, desc=f"validate {split}/{name}", unit="img", mininterval=2, leave=False
+            ):
                 _check_image(path, split, root, rules, found)
             found.counts[split][name] = len(files)
             if not files:
@@ -173,8 +189,12 @@ def _duplicates(found: Findings) -> tuple[list[list[str]], list[list[str]]]:
     return sorted(across), sorted(within)
 
 
-def near_duplicates(train: list[tuple[str, np.ndarray]], test: list[tuple[str, np.ndarray]],
-                    max_bits: int, identical: set[frozenset[str]]) -> list[dict[str, object]]:
+def near_duplicates(
+    train: list[tuple[str, np.ndarray]],
+    test: list[tuple[str, np.ndarray]],
+    max_bits: int,
+    identical: set[frozenset[str]],
+) -> list[dict[str, object]]:
     """Train/test pairs whose hashes differ in at most max_bits bits; every pair is compared,
     vectorised (11k x 3k pairs in about a second)."""
     if not train or not test:
@@ -182,7 +202,7 @@ def near_duplicates(train: list[tuple[str, np.ndarray]], test: list[tuple[str, n
     train_hashes = np.stack([h for _, h in train])
     pairs = []
     for start in range(0, len(test), NEAR_DUPLICATE_CHUNK):
-        chunk = test[start:start + NEAR_DUPLICATE_CHUNK]
+        chunk = test[start : start + NEAR_DUPLICATE_CHUNK]
         test_hashes = np.stack([h for _, h in chunk])
         distances = np.zeros((len(chunk), len(train)), dtype=np.uint16)
         for word in range(train_hashes.shape[1]):
@@ -197,19 +217,23 @@ def near_duplicates(train: list[tuple[str, np.ndarray]], test: list[tuple[str, n
 def validate_tree(root: Path, rules: Rules) -> dict:
     """Inspect the whole tree; return the report, raising DataValidationError on any error."""
     if not root.is_dir():
-        raise DataValidationError(f"{root}: data folder is missing (run `dvc pull`, or "
-                                  "`soundmood import-rafdb` on a RAF-DB download)")
+        raise DataValidationError(
+            f"{root}: data folder is missing (run `dvc pull`, or "
+            "`soundmood import-rafdb` on a RAF-DB download)"
+        )
     found = Findings(problems=_folder_problems(root, rules.classes))
     _walk(root, rules, found)
     across, within = _duplicates(found)
     found.problems += [
         f"same bytes in train and test (leakage): {', '.join(str(root / p) for p in group)}"
-        for group in across]
+        for group in across
+    ]
     if found.problems:
         raise DataValidationError(_failure_message(root, found, rules))
     identical = {frozenset(pair) for g in within for pair in _pairs(g)}
-    near = near_duplicates(found.dhashes["train"], found.dhashes["test"],
-                           rules.near_duplicate_bits, identical)
+    near = near_duplicates(
+        found.dhashes["train"], found.dhashes["test"], rules.near_duplicate_bits, identical
+    )
     return {
         "root": str(root),
         "image_size": rules.size,
@@ -220,22 +244,26 @@ def validate_tree(root: Path, rules: Rules) -> dict:
         "near_duplicate_bits": rules.near_duplicate_bits,
         "near_duplicates_across_splits": near,
         "converted": sorted(found.converted, key=lambda c: c["file"]),
-        "summary": {"duplicate_groups_within_split": len(within),
-                    "near_duplicate_pairs_across_splits": len(near),
-                    "converted": len(found.converted)},
+        "summary": {
+            "duplicate_groups_within_split": len(within),
+            "near_duplicate_pairs_across_splits": len(near),
+            "converted": len(found.converted),
+        },
     }
 
 
 def _pairs(group: list[str]) -> list[tuple[str, str]]:
-    return [(a, b) for i, a in enumerate(group) for b in group[i + 1:]]
+    return [(a, b) for i, a in enumerate(group) for b in group[i + 1 :]]
 
 
 def _failure_message(root: Path, found: Findings, rules: Rules) -> str:
     lines = [f"{root}: data validation failed, {len(found.problems)} problem(s):"]
     lines += [f"  {p}" for p in found.problems]
     if found.format_problems:
-        lines.append(f"hint: fix the {found.format_problems} image(s) of the wrong size or colour "
-                     "mode, or set data.on_bad_format=convert to have prepare convert them")
+        lines.append(
+            f"hint: fix the {found.format_problems} image(s) of the wrong size or colour "
+            "mode, or set data.on_bad_format=convert to have prepare convert them"
+        )
     return "\n".join(lines)
 
 
@@ -249,8 +277,10 @@ def run(cfg: DictConfig) -> dict:
     partial.replace(out)
     totals = ", ".join(f"{k} {v}" for k, v in report["totals"].items())
     summary = report["summary"]
-    print(f"validate: {totals} images OK; {summary['duplicate_groups_within_split']} duplicate "
-          f"group(s) within a split, {summary['near_duplicate_pairs_across_splits']} "
-          f"near-duplicate train/test pair(s), {summary['converted']} image(s) to convert "
-          f"-> {out}")
+    print(
+        f"validate: {totals} images OK; {summary['duplicate_groups_within_split']} duplicate "
+        f"group(s) within a split, {summary['near_duplicate_pairs_across_splits']} "
+        f"near-duplicate train/test pair(s), {summary['converted']} image(s) to convert "
+        f"-> {out}"
+    )
     return report

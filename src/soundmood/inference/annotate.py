@@ -9,8 +9,16 @@ from PIL import Image, ImageDraw, ImageFont
 from soundmood.inference.predict import PhotoResult
 
 # One colour per class index (cycled), picked to stay distinct on photos.
-PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60))
+PALETTE = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+)
 SAVE_OPTIONS = {"JPEG": {"quality": 90}, "WEBP": {"quality": 90}}
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
 
@@ -25,15 +33,27 @@ def draw(photo: Image.Image, result: PhotoResult, classes: list[str]) -> Image.I
         colour = PALETTE[classes.index(face.label) % len(PALETTE)]
         x, y, w, h = face.box
         pen.rectangle((x, y, x + w - 1, y + h - 1), outline=colour, width=unit * 2)
-        _label(pen, (x, y), f"{face.label} {face.probabilities[face.label]:.2f}", colour, font,
-               above=True)
+        _label(
+            pen,
+            (x, y),
+            f"{face.label} {face.probabilities[face.label]:.2f}",
+            colour,
+            font,
+            above=True,
+        )
     mood = f"mood: {result.mood}" if result.mood else "mood: no face found"
     _label(pen, (0, 0), mood, (20, 20, 20), font, above=False)
     return out
 
 
-def _label(pen: ImageDraw.ImageDraw, at: tuple[int, int], text: str,
-           colour: tuple[int, int, int], font: ImageFont.ImageFont, above: bool) -> None:
+def _label(
+    pen: ImageDraw.ImageDraw,
+    at: tuple[int, int],
+    text: str,
+    colour: tuple[int, int, int],
+    font: ImageFont.ImageFont,
+    above: bool,
+) -> None:
     left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
     pad = max(2, (bottom - top) // 5)
     w, h = right - left + 2 * pad, bottom - top + 2 * pad

@@ -32,17 +32,28 @@ def collect_photos(paths: list[str]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, paths):
         if item.is_dir():
-            found.extend(sorted(
-                p for p in item.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(item).parts)))
+            found.extend(
+                sorted(
+                    p
+                    for p in item.rglob("*")
+                    if p.is_file()
+                    and p.suffix.lower() in IMAGE_SUFFIXES
+                    and not any(part.startswith(".") for part in p.relative_to(item).parts)
+                )
+            )
         else:
             found.append(item)  # a missing or undecodable file is reported, not skipped
     return found
 
 
-def predict_file(model: Any, path: Path, cfg: DictConfig, settings: Settings,
-                 out_dir: Path | None, taken: set[Path]) -> PhotoResult:
+def predict_file(
+    model: Any,
+    path: Path,
+    cfg: DictConfig,
+    settings: Settings,
+    out_dir: Path | None,
+    taken: set[Path],
+) -> PhotoResult:
     """One photo's result; an unreadable file gives a result with `error` set."""
     try:
         photo = to_rgb(open_image(path))
@@ -64,15 +75,22 @@ def predict_cli(cfg: DictConfig, args: argparse.Namespace) -> int:
     if not photos:
         raise UserError(f"no photos (JPEG/PNG/WebP) found in {', '.join(args.paths)}")
     if len(photos) > settings.limits.max_files:
-        raise UserError(f"{len(photos)} photos exceed inference.limits.max_files="
-                        f"{settings.limits.max_files}; split the batch or raise the limit")
+        raise UserError(
+            f"{len(photos)} photos exceed inference.limits.max_files="
+            f"{settings.limits.max_files}; split the batch or raise the limit"
+        )
     model = load_model(args.model, cfg)
     _check_classes(model, list(cfg.data.classes), args.model)
     out_dir = Path(args.annotate) if args.annotate else None
     taken: set[Path] = set()
     results = []
-    bar = tqdm(photos, desc="photos", unit="photo", disable=None if len(photos) > 1 else True,
-               file=sys.stderr)
+    bar = tqdm(
+        photos,
+        desc="photos",
+        unit="photo",
+        disable=None if len(photos) > 1 else True,
+        file=sys.stderr,
+    )
     for path in bar:
         result = predict_file(model, path, cfg, settings, out_dir, taken)
         if result.error:
@@ -88,24 +106,34 @@ def predict_cli(cfg: DictConfig, args: argparse.Namespace) -> int:
 def _check_classes(model: Any, classes: list[str], uri: str) -> None:
     outputs = int(model.output_shape[-1])
     if outputs != len(classes):
-        raise UserError(f"--model {uri} has {outputs} outputs but data.classes names "
-                        f"{len(classes)} classes ({', '.join(classes)})")
+        raise UserError(
+            f"--model {uri} has {outputs} outputs but data.classes names "
+            f"{len(classes)} classes ({', '.join(classes)})"
+        )
 
 
 def results_table(results: list[PhotoResult]) -> Table:
     table = Table(title="Mood per photo")
-    for name, justify in (("photo", "left"), ("faces", "right"), ("mood", "left"),
-                          ("each face: label p (x, y, w, h)", "left"), ("ms", "right")):
+    for name, justify in (
+        ("photo", "left"),
+        ("faces", "right"),
+        ("mood", "left"),
+        ("each face: label p (x, y, w, h)", "left"),
+        ("ms", "right"),
+    ):
         table.add_column(name, justify=justify)
     for r in results:
         if r.error:
             table.add_row(r.path, "", "[red]unreadable[/red]", f"[red]{r.error}[/red]", "")
             continue
         mood = f"{r.mood} {r.mood_probabilities[r.mood]:.2f}" if r.mood else "-"
-        faces = "\n".join(f"{f.label} {f.probabilities[f.label]:.2f} {tuple(f.box)}"
-                          for f in r.faces) or "no face found"
-        table.add_row(r.path, str(len(r.faces)), mood, faces,
-                      f"{1000 * sum(r.seconds.values()):.0f}")
+        faces = (
+            "\n".join(f"{f.label} {f.probabilities[f.label]:.2f} {tuple(f.box)}" for f in r.faces)
+            or "no face found"
+        )
+        table.add_row(
+            r.path, str(len(r.faces)), mood, faces, f"{1000 * sum(r.seconds.values()):.0f}"
+        )
     return table
 
 

@@ -59,8 +59,7 @@ class Face:
         return crop if dtype is None else crop.astype(dtype)
 
 
-def detect_faces(image: Image.Image | np.ndarray,
-                 settings: Any = None) -> list[Face]:
+def detect_faces(image: Image.Image | np.ndarray, settings: Any = None) -> list[Face]:
     """Every face in `image` (PIL image of any mode, or HxWx3 uint8 RGB array), left to right.
 
     `settings`: cfg.inference, its plain-dict form, a Settings, or None for the defaults (which
@@ -69,8 +68,11 @@ def detect_faces(image: Image.Image | np.ndarray,
     an empty list. Thread-safe (detection itself is serialised).
     """
     config = from_config(settings)
-    photo = to_rgb(image) if isinstance(image, Image.Image) else \
-        Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).convert("RGB")
+    photo = (
+        to_rgb(image)
+        if isinstance(image, Image.Image)
+        else Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).convert("RGB")
+    )
     found = _run_detector(photo, config)
     det = config.detector
     faces = [f for f in found if f.confidence >= det.min_confidence]
@@ -83,16 +85,25 @@ def _run_detector(photo: Image.Image, config: Settings) -> list[Face]:
         return []
     det = config.detector
     scale = min(1.0, det.max_side / max(photo.size))
-    small = photo if scale == 1.0 else photo.resize(
-        (max(1, round(photo.width * scale)), max(1, round(photo.height * scale))),
-        Image.Resampling.BILINEAR, reducing_gap=None)
+    small = (
+        photo
+        if scale == 1.0
+        else photo.resize(
+            (max(1, round(photo.width * scale)), max(1, round(photo.height * scale))),
+            Image.Resampling.BILINEAR,
+            reducing_gap=None,
+        )
+    )
     if min(small.size) < MIN_DETECTABLE_SIDE:
         return []
     with _DETECTOR_LOCK:
         raw = _mtcnn().detect_faces(
-            np.asarray(small), min_face_size=det.min_face_size,
-            threshold_pnet=det.thresholds[0], threshold_rnet=det.thresholds[1],
-            threshold_onet=det.thresholds[2])
+            np.asarray(small),
+            min_face_size=det.min_face_size,
+            threshold_pnet=det.thresholds[0],
+            threshold_rnet=det.thresholds[1],
+            threshold_onet=det.thresholds[2],
+        )
     sx, sy = photo.width / small.width, photo.height / small.height
     return [_face(r, sx, sy, photo, config.crop) for r in raw]
 
@@ -101,10 +112,12 @@ def _face(raw: dict, sx: float, sy: float, photo: Image.Image, crop: CropSetting
     x, y, w, h = (float(v) for v in raw["box"])
     x0, y0 = max(0, round(x * sx)), max(0, round(y * sy))
     x1, y1 = min(photo.width, round((x + w) * sx)), min(photo.height, round((y + h) * sy))
-    points = tuple((float(raw["keypoints"][n][0]) * sx, float(raw["keypoints"][n][1]) * sy)
-                   for n in LANDMARKS)
-    return Face((x0, y0, max(1, x1 - x0), max(1, y1 - y0)), float(raw["confidence"]), points,
-                photo, crop)
+    points = tuple(
+        (float(raw["keypoints"][n][0]) * sx, float(raw["keypoints"][n][1]) * sy) for n in LANDMARKS
+    )
+    return Face(
+        (x0, y0, max(1, x1 - x0), max(1, y1 - y0)), float(raw["confidence"]), points, photo, crop
+    )
 
 
 _DETECTOR_LOCK = threading.Lock()
@@ -118,16 +131,21 @@ def _mtcnn() -> Any:
     from mtcnn.stages import StageONet, StagePNet, StageRNet
 
     weights = files("mtcnn.assets.weights")
-    return MTCNN(stages=[StagePNet(weights=str(weights / "pnet.lz4")),
-                         StageRNet(weights=str(weights / "rnet.lz4")),
-                         StageONet(weights=str(weights / "onet.lz4"))])
+    return MTCNN(
+        stages=[
+            StagePNet(weights=str(weights / "pnet.lz4")),
+            StageRNet(weights=str(weights / "rnet.lz4")),
+            StageONet(weights=str(weights / "onet.lz4")),
+        ]
+    )
 
 
 # --- cropping -------------------------------------------------------------------------------
 
 
-def crop_face(photo: Image.Image, box: Box, landmarks: tuple[tuple[float, float], ...],
-              crop: CropSettings) -> Image.Image:
+def crop_face(
+    photo: Image.Image, box: Box, landmarks: tuple[tuple[float, float], ...], crop: CropSettings
+) -> Image.Image:
     """The face framed like RAF-DB's aligned crops: a crop.size x crop.size RGB image."""
     if crop.method == "align":
         forward = align_transform(np.asarray(landmarks), crop)
@@ -167,8 +185,7 @@ def fit_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.hstack([linear, (mu_d - linear @ mu_s)[:, None]])
 
 
-def warp(photo: Image.Image, forward: np.ndarray, size: int,
-         fill: tuple[int, ...]) -> Image.Image:
+def warp(photo: Image.Image, forward: np.ndarray, size: int, fill: tuple[int, ...]) -> Image.Image:
     """Apply the 2x3 photo->crop map, area-averaging first when the face is much larger than
     the crop (a bilinear warp alone would skip pixels and alias)."""
     scale = math.sqrt(abs(np.linalg.det(forward[:, :2])))
@@ -176,12 +193,18 @@ def warp(photo: Image.Image, forward: np.ndarray, size: int,
     if factor > 1:
         photo, forward = _reduced_region(photo, forward, size, factor)
     inverse = np.linalg.inv(np.vstack([forward, [0.0, 0.0, 1.0]]))[:2]
-    return photo.transform((size, size), Image.Transform.AFFINE, tuple(inverse.ravel()),
-                           Image.Resampling.BILINEAR, fillcolor=fill)
+    return photo.transform(
+        (size, size),
+        Image.Transform.AFFINE,
+        tuple(inverse.ravel()),
+        Image.Resampling.BILINEAR,
+        fillcolor=fill,
+    )
 
 
-def _reduced_region(photo: Image.Image, forward: np.ndarray, size: int,
-                    factor: int) -> tuple[Image.Image, np.ndarray]:
+def _reduced_region(
+    photo: Image.Image, forward: np.ndarray, size: int, factor: int
+) -> tuple[Image.Image, np.ndarray]:
     """The part of the photo the crop needs, box-filtered down by `factor`, and the map from it."""
     inverse = np.linalg.inv(np.vstack([forward, [0.0, 0.0, 1.0]]))[:2]
     corners = inverse @ np.array([[0, size, 0, size], [0, 0, size, size], [1, 1, 1, 1]])

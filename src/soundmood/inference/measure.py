@@ -28,8 +28,9 @@ from soundmood.inference.detect import Face, detect_faces
 from soundmood.inference.predict import classify, input_size, load_model
 from soundmood.inference.settings import Settings, from_config
 
-CANDIDATES = [("box", m) for m in (-0.1, -0.05, 0.0, 0.05, 0.1, 0.2)] + \
-    [("align", m) for m in (-0.05, 0.0, 0.05, 0.1)]
+CANDIDATES = [("box", m) for m in (-0.1, -0.05, 0.0, 0.05, 0.1, 0.2)] + [
+    ("align", m) for m in (-0.05, 0.0, 0.05, 0.1)
+]
 GREY = (128, 128, 128)
 
 
@@ -47,8 +48,9 @@ def rotated_in_mirror(face: Image.Image, rng: random.Random) -> tuple[Image.Imag
     to 15 degrees about its centre: a face that is neither upright nor tightly framed."""
     side = rng.randint(150, 300)
     big = np.asarray(face.resize((side, side), Image.Resampling.BILINEAR))
-    padded = Image.fromarray(np.pad(big, ((side // 2, side // 2), (side // 2, side // 2), (0, 0)),
-                                    mode="reflect"))
+    padded = Image.fromarray(
+        np.pad(big, ((side // 2, side // 2), (side // 2, side // 2), (0, 0)), mode="reflect")
+    )
     rotated = padded.rotate(rng.uniform(-15, 15), Image.Resampling.BILINEAR)
     return rotated, (rotated.width / 2, rotated.height / 2, side)
 
@@ -59,22 +61,38 @@ CONDITIONS = {"upright_grey": upright_on_grey, "rotated_mirror": rotated_in_mirr
 def matching_face(faces: list[Face], truth: tuple) -> Face | None:
     """The detection centred on the pasted face (mirrored copies are not it), if any."""
     cx, cy, side = truth
-    near = [f for f in faces
-            if abs(f.box[0] + f.box[2] / 2 - cx) < side / 4
-            and abs(f.box[1] + f.box[3] / 2 - cy) < side / 4]
+    near = [
+        f
+        for f in faces
+        if abs(f.box[0] + f.box[2] / 2 - cx) < side / 4
+        and abs(f.box[1] + f.box[3] / 2 - cy) < side / 4
+    ]
     return max(near, key=lambda f: f.confidence) if near else None
 
 
-def measure(model_path: str, n: int, seed: int, tta_flip: bool, settings: Settings,
-            root: Path, classes: list[str]) -> dict:
+def measure(
+    model_path: str,
+    n: int,
+    seed: int,
+    tta_flip: bool,
+    settings: Settings,
+    root: Path,
+    classes: list[str],
+) -> dict:
     model = load_model(model_path)
     size = input_size(model)
     samples = list_split(root, "test", classes)
     samples = random.Random(seed).sample(samples, min(n, len(samples)))
     y = np.array([s.label for s in samples])
     original = classify(model, np.stack([load_face(s.path, size) for s in samples]), tta_flip)
-    report = {"model": model_path, "images": len(samples), "seed": seed, "tta_flip": tta_flip,
-              "original_accuracy": _acc(original, y), "conditions": {}}
+    report = {
+        "model": model_path,
+        "images": len(samples),
+        "seed": seed,
+        "tta_flip": tta_flip,
+        "original_accuracy": _acc(original, y),
+        "conditions": {},
+    }
     for name, make in CONDITIONS.items():
         rng = random.Random(seed)
         crops = {c: [] for c in CANDIDATES}
@@ -88,20 +106,24 @@ def measure(model_path: str, n: int, seed: int, tta_flip: bool, settings: Settin
             found.append(face is not None)
             confidences.append(face.confidence if face else 0.0)
             for method, margin in CANDIDATES if face else []:
-                cropped = replace(face, settings=replace(settings.crop, method=method,
-                                                         margin=margin))
+                cropped = replace(
+                    face, settings=replace(settings.crop, method=method, margin=margin)
+                )
                 crops[(method, margin)].append(cropped.crop(size))
                 pixel_mae[(method, margin)].append(
-                    float(np.abs(cropped.crop().astype(np.float32) - reference).mean()))
+                    float(np.abs(cropped.crop().astype(np.float32) - reference).mean())
+                )
         found_arr, conf = np.array(found), np.array(confidences)
         result = {
             "detected": float(found_arr.mean()),
-            "detected_at_confidence": {str(t): float((conf >= t).mean())
-                                       for t in (0.8, 0.9, 0.95, 0.98)},
+            "detected_at_confidence": {
+                str(t): float((conf >= t).mean()) for t in (0.8, 0.9, 0.95, 0.98)
+            },
             "original_accuracy_on_detected": _acc(original[found_arr], y[found_arr]),
             "crops": {},
-            "pixel_mae": {f"{m} {g:+.2f}": round(float(np.mean(v)), 2)
-                          for (m, g), v in pixel_mae.items()},
+            "pixel_mae": {
+                f"{m} {g:+.2f}": round(float(np.mean(v)), 2) for (m, g), v in pixel_mae.items()
+            },
         }
         for (method, margin), faces in crops.items():
             probs = classify(model, np.stack(faces), tta_flip)
@@ -131,7 +153,8 @@ def latency(model_path: str, photos: list[Path], repeats: int, cfg: object) -> d
         predict_photo(model, photo, cfg)
         runs = [predict_photo(model, photo, cfg) for _ in range(repeats)]
         out[path.name] = {
-            "size": f"{photo.width}x{photo.height}", "faces": len(runs[0].faces),
+            "size": f"{photo.width}x{photo.height}",
+            "faces": len(runs[0].faces),
             "detect_s": round(float(np.median([r.seconds["detect"] for r in runs])), 3),
             "classify_s": round(float(np.median([r.seconds["classify"] for r in runs])), 3),
         }
@@ -153,9 +176,15 @@ def main() -> None:
         report = latency(args.model, [Path(p) for p in args.latency], 5, cfg)
     else:
         start = time.perf_counter()
-        report = measure(args.model, args.n, args.seed, bool(cfg.evaluate.tta_flip),
-                         from_config(cfg.get("inference")), Path(cfg.data.root),
-                         list(cfg.data.classes))
+        report = measure(
+            args.model,
+            args.n,
+            args.seed,
+            bool(cfg.evaluate.tta_flip),
+            from_config(cfg.get("inference")),
+            Path(cfg.data.root),
+            list(cfg.data.classes),
+        )
         report["seconds"] = round(time.perf_counter() - start, 1)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -49,13 +49,23 @@ class PhotoResult:
             return None if probs is None else {k: round(v, 4) for k, v in probs.items()}
 
         return {
-            "path": self.path, "width": self.width, "height": self.height,
-            "faces": [{"box": list(f.box), "confidence": round(f.confidence, 4),
-                       "label": f.label, "probabilities": rounded(f.probabilities)}
-                      for f in self.faces],
-            "mood": self.mood, "mood_probabilities": rounded(self.mood_probabilities),
+            "path": self.path,
+            "width": self.width,
+            "height": self.height,
+            "faces": [
+                {
+                    "box": list(f.box),
+                    "confidence": round(f.confidence, 4),
+                    "label": f.label,
+                    "probabilities": rounded(f.probabilities),
+                }
+                for f in self.faces
+            ],
+            "mood": self.mood,
+            "mood_probabilities": rounded(self.mood_probabilities),
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
-            "annotated": self.annotated, "error": self.error,
+            "annotated": self.annotated,
+            "error": self.error,
         }
 
 
@@ -88,8 +98,13 @@ def combine_mood(probs: np.ndarray, areas: np.ndarray, weighting: str) -> np.nda
     return (weights[:, None] * probs).sum(axis=0) / weights.sum()
 
 
-def predict_photo(model: Any, image: Image.Image, cfg: DictConfig,
-                  path: str = "", settings: Settings | None = None) -> PhotoResult:
+def predict_photo(
+    model: Any,
+    image: Image.Image,
+    cfg: DictConfig,
+    path: str = "",
+    settings: Settings | None = None,
+) -> PhotoResult:
     """Detect the faces of `image`, classify each (cfg.data.classes, cfg.evaluate.tta_flip) and
     combine them by cfg.inference.mood.weighting into the photo's mood."""
     settings = settings or from_config(cfg.get("inference"))
@@ -102,7 +117,9 @@ def predict_photo(model: Any, image: Image.Image, cfg: DictConfig,
     classified = time.perf_counter()
     mood = combine_mood(probs, np.array([f.area for f in faces]), settings.mood.weighting)
     return PhotoResult(
-        path=path, width=image.width, height=image.height,
+        path=path,
+        width=image.width,
+        height=image.height,
         faces=[_face_result(face, p, classes) for face, p in zip(faces, probs, strict=True)],
         mood=None if mood is None else classes[int(np.argmax(mood))],
         mood_probabilities=None if mood is None else _named(mood, classes),
@@ -121,8 +138,9 @@ def _named(probs: np.ndarray, classes: list[str]) -> dict[str, float]:
 
 
 def _face_result(face: Face, probs: np.ndarray, classes: list[str]) -> FaceResult:
-    return FaceResult(face.box, face.confidence, _named(probs, classes),
-                      classes[int(np.argmax(probs))])
+    return FaceResult(
+        face.box, face.confidence, _named(probs, classes), classes[int(np.argmax(probs))]
+    )
 
 
 # --- model loading --------------------------------------------------------------------------
@@ -177,8 +195,10 @@ def _from_mlflow_folder(folder: Path, uri: str) -> Any:
     saved = sorted(folder.rglob("*.keras"))  # the served pyfunc keeps its .keras as an artifact
     if saved:
         return _checked(keras.models.load_model(saved[0], compile=False), uri)
-    raise ModelLoadError(f"--model {uri}: an MLflow model with flavors {sorted(flavors)} and no "
-                         ".keras file; expected a SoundMood Keras or pyfunc model")
+    raise ModelLoadError(
+        f"--model {uri}: an MLflow model with flavors {sorted(flavors)} and no "
+        ".keras file; expected a SoundMood Keras or pyfunc model"
+    )
 
 
 def _checked(model: Any, uri: str) -> Any:

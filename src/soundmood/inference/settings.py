@@ -36,7 +36,12 @@ class CropSettings:
     margin: float = 0.0
     size: int = 100
     template: tuple[tuple[float, float], ...] = (
-        (25.83, 33.53), (71.73, 33.27), (48.21, 55.48), (27.82, 75.07), (69.6, 75.08))
+        (25.83, 33.53),
+        (71.73, 33.27),
+        (48.21, 55.48),
+        (27.82, 75.07),
+        (69.6, 75.08),
+    )
     fill: tuple[int, int, int] = (0, 0, 0)
 
 
@@ -89,27 +94,52 @@ def validate(settings: Settings) -> Settings:
     """Reject values detection could not use, naming the key."""
     det, crop = settings.detector, settings.crop
     _require(det.name in DETECTORS, "detector.name", f"{det.name!r} is not one of {DETECTORS}")
-    _require(isinstance(det.max_side, int) and det.max_side >= 64, "detector.max_side",
-             "must be an int >= 64")
-    _require(isinstance(det.min_face_size, int) and det.min_face_size >= 12,
-             "detector.min_face_size", "must be an int >= 12 (MTCNN's smallest window)")
-    _require(len(det.thresholds) == 3 and all(0 <= t < 1 for t in det.thresholds),
-             "detector.thresholds", "must be three scores in [0, 1)")
+    _require(
+        isinstance(det.max_side, int) and det.max_side >= 64,
+        "detector.max_side",
+        "must be an int >= 64",
+    )
+    _require(
+        isinstance(det.min_face_size, int) and det.min_face_size >= 12,
+        "detector.min_face_size",
+        "must be an int >= 12 (MTCNN's smallest window)",
+    )
+    _require(
+        len(det.thresholds) == 3 and all(0 <= t < 1 for t in det.thresholds),
+        "detector.thresholds",
+        "must be three scores in [0, 1)",
+    )
     _require(0 <= det.min_confidence < 1, "detector.min_confidence", "must be in [0, 1)")
-    _require(isinstance(det.max_faces, int) and det.max_faces >= 1, "detector.max_faces",
-             "must be an int >= 1")
-    _require(crop.method in CROP_METHODS, "crop.method",
-             f"{crop.method!r} is not one of {CROP_METHODS}")
+    _require(
+        isinstance(det.max_faces, int) and det.max_faces >= 1,
+        "detector.max_faces",
+        "must be an int >= 1",
+    )
+    _require(
+        crop.method in CROP_METHODS, "crop.method", f"{crop.method!r} is not one of {CROP_METHODS}"
+    )
     _require(-0.3 <= crop.margin <= 1.0, "crop.margin", "must be in [-0.3, 1.0]")
     _require(isinstance(crop.size, int) and crop.size >= 16, "crop.size", "must be an int >= 16")
-    _require(len(crop.template) == 5 and all(len(p) == 2 for p in crop.template),
-             "crop.template", "must be five [x, y] points (eyes, nose, mouth corners)")
-    _require(len(crop.fill) == 3 and all(0 <= c <= 255 for c in crop.fill), "crop.fill",
-             "must be an RGB triple of 0-255 ints")
-    _require(settings.mood.weighting in MOOD_WEIGHTINGS, "mood.weighting",
-             f"{settings.mood.weighting!r} is not one of {MOOD_WEIGHTINGS}")
-    _require(isinstance(settings.limits.max_files, int) and settings.limits.max_files >= 1,
-             "limits.max_files", "must be an int >= 1")
+    _require(
+        len(crop.template) == 5 and all(len(p) == 2 for p in crop.template),
+        "crop.template",
+        "must be five [x, y] points (eyes, nose, mouth corners)",
+    )
+    _require(
+        len(crop.fill) == 3 and all(0 <= c <= 255 for c in crop.fill),
+        "crop.fill",
+        "must be an RGB triple of 0-255 ints",
+    )
+    _require(
+        settings.mood.weighting in MOOD_WEIGHTINGS,
+        "mood.weighting",
+        f"{settings.mood.weighting!r} is not one of {MOOD_WEIGHTINGS}",
+    )
+    _require(
+        isinstance(settings.limits.max_files, int) and settings.limits.max_files >= 1,
+        "limits.max_files",
+        "must be an int >= 1",
+    )
     return settings
 
 
@@ -119,12 +149,20 @@ def from_config(section: DictConfig | Mapping[str, Any] | Settings | None) -> Se
         return section
     if section is None:
         return validate(Settings())
-    values = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) \
+    values = (
+        OmegaConf.to_container(section, resolve=True)
+        if isinstance(section, DictConfig)
         else dict(section)
-    parts = {"detector": DetectorSettings, "crop": CropSettings, "mood": MoodSettings,
-             "limits": LimitSettings}
+    )
+    parts = {
+        "detector": DetectorSettings,
+        "crop": CropSettings,
+        "mood": MoodSettings,
+        "limits": LimitSettings,
+    }
     unknown = sorted(set(values) - set(parts))
     if unknown:
         raise ConfigError(f"inference: unknown sections {unknown}; known: {sorted(parts)}")
-    return validate(Settings(**{name: _section(cls, values.get(name, {}), name)
-                                for name, cls in parts.items()}))
+    return validate(
+        Settings(**{name: _section(cls, values.get(name, {}), name) for name, cls in parts.items()})
+    )
