@@ -91,8 +91,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "evaluate": Command(
         "soundmood.evaluate:run",
-        "score models/model.keras on the test split once; write "
-        "reports/metrics.json and log everything to MLflow",
+        "score models/model.keras on the test split once, clean and under each capture "
+        "condition; write reports/metrics.json and reports/robustness.json and log everything "
+        "to MLflow",
         stage=True,
     ),
     "register": Command(
