@@ -24,7 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, compose_config
-from tests.test_pipeline import SHARED, _copy_checkout, _sh
+from tests.test_pipeline import _sh, smoke_repo
 
 pytestmark = pytest.mark.slow
 
@@ -73,26 +73,8 @@ def _experiments(shown: list[dict]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: the DVC remote and weights live there")
     base = tmp_path_factory.mktemp("exp-queue")
-    repo = base / "repo"
-    repo.mkdir()
-    (base / "shared").symlink_to(SHARED)
-    _copy_checkout(repo)
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
-    for args in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
-        ["soundmood", "params", "profile=smoke"],
-        ["dvc", "pull", "-q", "data.dvc"],
-    ):
-        _sh(args, repo, env)
+    repo, env = smoke_repo(base, TF_CPP_MIN_LOG_LEVEL="3")
 
     weights = (ROOT / compose_config(["model=mobilenet_v2"]).model.weights).resolve()
     names = {}

@@ -42,17 +42,16 @@ def _copy_checkout(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Runs the smoke pipeline once; the tests below inspect what it left."""
+def smoke_repo(base: Path, **env: str) -> tuple[Path, dict[str, str]]:
+    """A committed copy of this checkout in base/repo on the smoke profile, ../shared beside it,
+    RAF-DB pulled, and an environment whose MLflow store is base/mlflow.db (plus `env`)."""
     if not SHARED.is_dir():
         pytest.fail(f"{SHARED} is missing: the DVC remote and weights live there")
-    base = tmp_path_factory.mktemp("e2e")
     repo = base / "repo"
     repo.mkdir()
     (base / "shared").symlink_to(SHARED)  # ../shared, as beside a real clone
     _copy_checkout(repo)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}", **env}
     for args in (
         ["git", "init", "-q"],
         ["git", "add", "-A"],
@@ -61,6 +60,13 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ["dvc", "pull", "-q", "data.dvc"],
     ):
         _sh(args, repo, env)
+    return repo, env
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Runs the smoke pipeline once; the tests below inspect what it left."""
+    repo, env = smoke_repo(tmp_path_factory.mktemp("e2e"))
     start = time.perf_counter()
     first = _sh(["dvc", "repro"], repo, env)
     first_seconds = time.perf_counter() - start
