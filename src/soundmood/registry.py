@@ -458,9 +458,7 @@ def robust_tags(reports: Path) -> dict[str, float]:
     path = reports / REPORT_FILE
     if not path.exists():
         return {}
-    metrics = mlflow_metrics({"seconds": 0.0, **json.loads(path.read_text())}, ROBUST_PREFIX)
-    metrics.pop(f"{ROBUST_PREFIX}seconds")
-    return metrics
+    return mlflow_metrics(json.loads(path.read_text()), ROBUST_PREFIX)
 
 
 def register_cli(cfg: DictConfig) -> int:

@@ -374,7 +374,8 @@ def mlflow_metrics(result: Mapping[str, Any], prefix: str = "robust_") -> dict[s
             metrics[f"{prefix}{name}_{stat}"] = float(scores[stat])
     metrics[f"{prefix}worst_accuracy"] = float(result["worst_accuracy"])
     metrics[f"{prefix}mean_drop"] = float(result["mean_drop"])
-    metrics[f"{prefix}seconds"] = float(result["seconds"])
+    if "seconds" in result:  # robustness.json leaves timings out
+        metrics[f"{prefix}seconds"] = float(result["seconds"])
     return metrics
 
 

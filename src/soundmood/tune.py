@@ -304,13 +304,24 @@ def study_name(cfg: DictConfig, params: list[Param]) -> str:
     return f"soundmood-{data_version()[:8]}-{digest}"
 
 
-def make_storage(url: str) -> optuna.storages.RDBStorage:
-    """The study's database; a SQLite file's folder is created first."""
+def is_sqlite(url: str) -> bool:
     from sqlalchemy.engine import make_url
 
-    parsed = make_url(url)
-    if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    return make_url(url).drivername.startswith("sqlite")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for other databases and in-memory SQLite."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    return Path(database) if is_sqlite(url) and database not in (None, "", ":memory:") else None
+
+
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    """The study's database; a SQLite file's folder is created first."""
+    if path := sqlite_file(url):
+        path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(url)
 
 
@@ -777,10 +788,6 @@ def cli(cfg: DictConfig, args: Any) -> int:
     return 130 if report.get("interrupted") else 0
 
 
-def is_sqlite(url: str) -> bool:
-    return url.split(":", 1)[0].split("+", 1)[0] == "sqlite"
-
-
 def run(cfg: DictConfig, workers: int = 1) -> dict[str, Any]:
     """The `tune` stage: search, then write best_params.yaml and tune.json."""
     if not cfg.tune.enabled:
@@ -925,13 +932,9 @@ def _write_best_params(cfg: DictConfig, values: dict[str, Any]) -> None:
 def write_disabled(cfg: DictConfig) -> dict[str, Any]:
     """tune.enabled=false: hand train no values, and leave an (empty) SQLite study file for DVC."""
     _write_best_params(cfg, {})
-    if cfg.tune.storage.startswith("sqlite:///"):
-        from sqlalchemy.engine import make_url
-
-        database = make_url(cfg.tune.storage).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-            Path(database).touch()
+    if path := sqlite_file(cfg.tune.storage):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
     report = {"enabled": False, "best_params": {}, "mlflow_run_id": None}
     reports = Path(cfg.evaluate.reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
