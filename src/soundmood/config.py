@@ -251,11 +251,24 @@ def _check_train(c: _Checker) -> None:
     c.integer("train.threads", 0, 1024)
     c.boolean("train.augment.flip")
     c.number("train.augment.rotation", 0.0, 0.5)
-    for key in ("zoom", "translation"):
-        c.number(f"train.augment.{key}", 0.0, 1.0, high_open=True)
+    _check_zoom(c, "train.augment.zoom")
+    c.number("train.augment.translation", 0.0, 1.0, high_open=True)
     for key in ("contrast", "brightness"):
         c.number(f"train.augment.{key}", 0.0, 1.0)
     c.text("train.model_dir")
+
+
+def _check_zoom(c: _Checker, key: str) -> None:
+    """A zoom strength in [0, 1) (in and out by up to it), or a [low, high] range of
+    keras.layers.RandomZoom factors in (-1, 1): negative zooms in, positive zooms out."""
+    value = c.value(key)
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        c.number(key, 0.0, 1.0, high_open=True)
+        return
+    pair = list(value)
+    numbers = len(pair) == 2 and all(_is_int(v) or isinstance(v, float) for v in pair)
+    if not (numbers and -1 < pair[0] <= pair[1] < 1):
+        c.fail(key, f"{pair!r} is not a number or a [low, high] range with -1 < low <= high < 1")
 
 
 def _check_robustness(c: _Checker) -> None:

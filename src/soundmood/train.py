@@ -24,7 +24,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from soundmood import robustness, tracking
 from soundmood.config import ConfigError, validate
@@ -67,7 +67,10 @@ def augmentation(aug: DictConfig, seed: int) -> keras.Sequential:
     if aug.rotation:
         steps.append(keras.layers.RandomRotation(aug.rotation, fill_mode="reflect", seed=seed))
     if aug.zoom:
-        steps.append(keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed))
+        # a [low, high] range zooms out (positive: the face smaller, as a looser crop frames it)
+        # by a different amount than in; a number zooms both ways by up to it
+        zoom = tuple(aug.zoom) if isinstance(aug.zoom, ListConfig | list) else aug.zoom
+        steps.append(keras.layers.RandomZoom(zoom, fill_mode="reflect", seed=seed))
     if aug.translation:
         steps.append(
             keras.layers.RandomTranslation(
