@@ -24,7 +24,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from soundmood import train, tune
 from soundmood.config import ConfigError
@@ -72,6 +72,7 @@ def pruned_study(tmp_path_factory: pytest.TempPathFactory, prepared_smoke: DictC
             "tune.pruner_startup_trials=1",
             "tune.pruner_warmup_steps=0",
             "tune.sampler_startup_trials=10",
+            "tune.min_gain=0",  # the best trial's values are handed over, however small its lead
         ],
     )
     cfg.data.prepared_dir = prepared_smoke.data.prepared_dir
@@ -449,3 +450,31 @@ def test_dvc_reruns_tune_only_when_its_inputs_change(
     edit("src/soundmood/tune.py", '"""The tune stage', '"""tune stage')
     (repo / "prepared" / "train_x.npy").write_bytes(b"other images")
     assert "prepared" in status()
+
+
+def _finished(number: int, value: float, lr: float, baseline: bool = False) -> FrozenTrial:
+    trial = optuna.trial.create_trial(
+        params={"train.lr": lr},
+        distributions={"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)},
+        value=value,
+        user_attrs={"baseline": True} if baseline else {},
+    )
+    trial.number = number
+    return trial
+
+
+def test_a_lead_below_min_gain_keeps_the_configured_values() -> None:
+    baseline = _finished(0, 0.80, 1e-3, baseline=True)
+    close, clear = _finished(1, 0.805, 3e-3), _finished(2, 0.83, 5e-4)
+    values, why = tune.handed_over(close, baseline, min_gain=0.015)
+    assert values == {"train.lr": 1e-3} and "0.0050 < tune.min_gain 0.015" in why
+    values, why = tune.handed_over(clear, baseline, min_gain=0.015)
+    assert values == {"train.lr": 5e-4} and "beats the baseline by 0.0300" in why
+    assert tune.handed_over(baseline, baseline, 0.015)[0] == {"train.lr": 1e-3}
+    assert tune.handed_over(close, None, 0.015)[0] == {"train.lr": 3e-3}
+    assert tune.handed_over(None, None, 0.015) == (
+        {},
+        "no trial completed; train keeps the configured values",
+    )
+    with pytest.raises(ConfigError, match=re.escape("tune.min_gain: -0.1 is not a number >= 0")):
+        tune.validate_tune(OmegaConf.merge(compose_config().tune, {"min_gain": -0.1}))

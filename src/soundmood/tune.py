@@ -269,6 +269,12 @@ def validate_tune(tune: DictConfig) -> None:
     require(positive_int(tune.epochs), "epochs", "must be an int >= 1")
     require(0 < tune.subset_fraction <= 1, "subset_fraction", "must be in (0, 1]")
     require(tune.timeout_s is None or tune.timeout_s > 0, "timeout_s", "must be null or > 0")
+    min_gain = tune.get("min_gain", 0.0)
+    require(
+        isinstance(min_gain, int | float) and not isinstance(min_gain, bool) and min_gain >= 0,
+        "min_gain",
+        f"{min_gain!r} is not a number >= 0",
+    )
     require(
         isinstance(tune.storage, str) and "://" in tune.storage,
         "storage",
@@ -874,25 +880,54 @@ def run(cfg: DictConfig, workers: int = 1) -> dict[str, Any]:
         else "no trial completed"
     )
     print(
-        f"tune: {best}; trials {report['trials']}; {report['elapsed_seconds']:.0f}s; "
+        f"tune: {best}; {report.get('handed_over', '')}; trials {report['trials']}; "
+        f"{report['elapsed_seconds']:.0f}s; "
         f"run {report['mlflow_run_id']}",
         flush=True,
     )
     return report
 
 
-def best_params(study: optuna.Study) -> tuple[FrozenTrial | None, dict[str, Any]]:
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        return None, {}
-    best = study.best_trial
-    return best, dict(best.params)
+    return study.best_trial if complete else None
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The completed trial of the configured values (enqueued as trial 0), if there is one."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.user_attrs.get("baseline"):
+            return trial
+    return None
+
+
+def handed_over(
+    best: FrozenTrial | None, baseline: FrozenTrial | None, min_gain: float
+) -> tuple[dict[str, Any], str]:
+    """The values train should use, and why: the best trial's, unless it beats the baseline
+    trial (the configured values) by less than `tune.min_gain`. Short trials on a subset rank
+    values by early progress; a gain within their noise is not worth leaving the defaults for."""
+    if best is None:
+        return {}, "no trial completed; train keeps the configured values"
+    if baseline is None:
+        return dict(best.params), f"best trial {best.number} (no baseline trial to compare with)"
+    if best.number == baseline.number:
+        return dict(baseline.params), "the baseline trial (the configured values) is the best"
+    gain = best.value - baseline.value
+    if gain < min_gain:
+        return dict(baseline.params), (
+            f"best trial {best.number} beats the baseline trial {baseline.number} by "
+            f"{gain:.4f} < tune.min_gain {min_gain}: the configured values are kept"
+        )
+    return dict(best.params), f"best trial {best.number} beats the baseline by {gain:.4f}"
 
 
 def write_reports(
     cfg: DictConfig, study: optuna.Study, run_id: str, elapsed: float, interrupted: bool
 ) -> dict[str, Any]:
-    best, values = best_params(study)
+    best = best_trial(study)
+    baseline = baseline_trial(study)
+    values, reason = handed_over(best, baseline, cfg.tune.get("min_gain", 0.0))
     _write_best_params(cfg, values)
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     report = {
@@ -902,7 +937,9 @@ def write_reports(
         "objective": cfg.tune.objective,
         "best_value": best.value if best else None,
         "best_trial": best.number if best else None,
+        "baseline_value": baseline.value if baseline else None,
         "best_params": values,
+        "handed_over": reason,
         "trials": {s.name: states.get(s.name, 0) for s in TrialState},
         "n_trials": cfg.tune.n_trials,
         "trials_counted": budget_used(study),
@@ -959,6 +996,7 @@ def log_summary(cfg: DictConfig, study: optuna.Study, report: dict[str, Any]) ->
             f"best_{cfg.tune.objective}", report["best_value"], step=report["best_trial"]
         )
         mlflow.set_tag("best_trial", str(report["best_trial"]))
+        mlflow.set_tag("tune.handed_over", report["handed_over"])
     mlflow.log_dict(report, "tune/tune.json")
     mlflow.log_dict(report["best_params"], "tune/best_params.yaml")
     if study.trials:
