@@ -144,10 +144,13 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
         chunks = []
         for start in range(0, len(faces), self.batch_size):
             batch = faces[start : start + self.batch_size]
-            probs = np.asarray(self.model.predict_on_batch(batch))
-            if self.tta_flip:
-                probs = (probs + np.asarray(self.model.predict_on_batch(batch[:, :, ::-1]))) / 2
-            chunks.append(probs)
+            if not self.tta_flip:
+                chunks.append(np.asarray(self.model.predict_on_batch(batch)))
+                continue
+            # the faces and their mirrors in one call: one dispatch instead of two per request
+            mirrored = np.concatenate([batch, batch[:, :, ::-1]])
+            both = np.asarray(self.model.predict_on_batch(mirrored))
+            chunks.append((both[: len(batch)] + both[len(batch) :]) / 2)
         return np.concatenate(chunks)
 
     def frame(self, probs: np.ndarray, faces: list[int] | None = None) -> pd.DataFrame:
