@@ -7,12 +7,14 @@ stage's parent run is linked to it by the `soundmood.tune_run_id` tag.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import warnings
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from soundmood.config import flatten
@@ -25,8 +27,23 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id."""
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    name = cfg.tracking.experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        with contextlib.suppress(MlflowException):  # another process created it first
+            mlflow.create_experiment(name, artifact_location=sqlite_artifact_root(uri))
+    return mlflow.set_experiment(name).experiment_id
+
+
+def sqlite_artifact_root(uri: str) -> str | None:
+    """`mlruns/` beside an SQLite store's file, so a store outside the project (a test's temp
+    directory, a queued experiment's workspace) keeps its artifacts with it instead of in the
+    current directory; None (MLflow's default) for other stores."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri == f"{prefix}:memory:":
+        return None
+    return (Path(uri[len(prefix) :]).resolve().parent / "mlruns").as_uri()
 
 
 def git_state() -> dict[str, str]:
