@@ -29,7 +29,8 @@ from soundmood.data.prepare import load_split
 
 
 def training_throughput(cfg: DictConfig, model_name: str, steps: int) -> float:
-    """Images/s of full training steps (backbone trainable, augmentation on) after a warm-up."""
+    """Images/s of fine-tuning steps (the configured layers trainable, augmentation on) after a
+    warm-up."""
     from hydra import compose, initialize_config_dir
 
     from soundmood.models import build, set_backbone_trainable
@@ -43,7 +44,7 @@ def training_throughput(cfg: DictConfig, model_name: str, steps: int) -> float:
     n = min(len(x), t.batch_size * (steps + 3))
     n_classes = len(cfg.data.classes)
     model = build(model_cfg, cfg.data.image_size, n_classes)
-    set_backbone_trainable(model, True)
+    set_backbone_trainable(model, True, model_cfg.get("frozen_layers", 0))  # as fine-tuning runs
     compile_model(model, t, n_classes, steps)
     batches = list(
         make_dataset(
