@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -176,6 +177,11 @@ def test_best_params_are_handed_to_train(pruned_study: dict, tmp_path: Path) -> 
     run_json = json.loads((Path(cfg.evaluate.reports_dir) / "train_run.json").read_text())
     assert run_json["tuned"] == best
     run = MlflowClient(pruned_study["uri"]).get_run(run_json["mlflow_run_id"])
+    # the capture conditions, scored on validation for choices that must not read test
+    val_robust = json.loads((Path(cfg.evaluate.reports_dir) / "robustness_val.json").read_text())
+    assert list(val_robust["conditions"]) == list(cfg.evaluate.conditions)
+    assert val_robust["images"] == len(np.load(Path(cfg.data.prepared_dir) / "val_y.npy"))
+    assert run.data.metrics["val_robust_worst_accuracy"] == val_robust["worst_accuracy"]
     assert run.data.params["tuned.train.lr"] == str(best["train.lr"])
     assert float(run.data.params["train.lr"]) == pytest.approx(best["train.lr"])
     assert run.data.tags["soundmood.tune_run_id"] == report["mlflow_run_id"]

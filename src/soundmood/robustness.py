@@ -390,14 +390,20 @@ def write_reports(result: Mapping[str, Any], reports_dir: str | Path) -> list[Pa
     reports = Path(reports_dir)
     paths = [reports / REPORT_FILE, reports / PLOT_CSV, reports / PLOT_PNG]
     paths[1].parent.mkdir(parents=True, exist_ok=True)
-    metrics = {k: v for k, v in result.items() if k != "seconds"}
-    paths[0].write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(result, paths[0])
     rows = _bars(result)
     paths[1].write_text(
         "condition,accuracy\n" + "".join(f"{name},{acc:.4f}\n" for name, acc in rows)
     )
     _bar_chart(rows, paths[2])
     return paths
+
+
+def write_json(result: Mapping[str, Any], path: Path) -> None:
+    """The scores without their timing, so `dvc metrics diff` shows only model changes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {k: v for k, v in result.items() if k != "seconds"}
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def _bars(result: Mapping[str, Any]) -> list[tuple[str, float]]:

@@ -589,6 +589,23 @@ def save_model_atomically(model: keras.Model, target: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+VAL_ROBUSTNESS_FILE = "robustness_val.json"
+
+
+def score_validation_conditions(
+    model: keras.Model, val: tuple[np.ndarray, np.ndarray], cfg: DictConfig, reports: Path
+) -> dict | None:
+    """evaluate's capture conditions on the validation split, for the kept model: what
+    augmentation and tuning choices are compared on (reports/robustness_val.json, MLflow
+    val_robust_*), so that no choice reads the test split."""
+    if not cfg.evaluate.get("conditions"):
+        return None
+    result = robustness.evaluate_conditions(model, *val, cfg)
+    robustness.write_json(result, reports / VAL_ROBUSTNESS_FILE)
+    mlflow.log_metrics(robustness.mlflow_metrics(result, prefix="val_robust_"))
+    return result
+
+
 def run(cfg: DictConfig) -> FitResult:
     """The `train` stage."""
     cfg, tuned = apply_tuned(cfg)
@@ -622,6 +639,7 @@ def run(cfg: DictConfig) -> FitResult:
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         )
+        val_robust = score_validation_conditions(result.model, val, cfg, reports)
         save_model_atomically(result.model, Path(cfg.train.model_dir) / MODEL_FILE)
         run_id = active.info.run_id
     shutil.rmtree(work, ignore_errors=True)
@@ -637,6 +655,12 @@ def run(cfg: DictConfig) -> FitResult:
     (reports / "train_run.json").write_text(
         json.dumps({"mlflow_run_id": run_id, "tuned": tuned}, indent=2, default=str) + "\n"
     )
+    if val_robust:
+        print(
+            f"train: validation capture conditions: worst {val_robust['worst_condition']} "
+            f"{val_robust['worst_accuracy']:.4f} (clean {val_robust['clean']['accuracy']:.4f}), "
+            f"mean drop {val_robust['mean_drop']:.4f}"
+        )
     print(
         f"train: best epoch {result.best_epoch} {cfg.train.monitor}={result.best_value:.4f} "
         f"in {result.seconds:.0f}s ({result.images_per_second:.0f} img/s); run {run_id}"
