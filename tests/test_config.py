@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -25,9 +26,10 @@ def test_check_reports_a_diff_when_they_disagree(tmp_path, monkeypatch) -> None:
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     assert params_diff(tmp_path) == ""
     train = tmp_path / "conf" / "train" / "default.yaml"
-    train.write_text(train.read_text().replace("epochs: 12", "epochs: 13"))
+    epochs = int(re.search(r"^epochs: (\d+)", train.read_text(), re.MULTILINE).group(1))
+    train.write_text(train.read_text().replace(f"epochs: {epochs}", f"epochs: {epochs + 1}", 1))
     diff = params_diff(tmp_path)
-    assert "-  epochs: 12" in diff and "+  epochs: 13" in diff
+    assert f"-  epochs: {epochs}" in diff and f"+  epochs: {epochs + 1}" in diff
 
 
 def test_profiles_compose_and_validate() -> None:
