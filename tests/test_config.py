@@ -48,6 +48,7 @@ def test_flatten_gives_dotted_keys() -> None:
 
 def test_load_applies_overrides_and_rejects_unknown_keys() -> None:
     assert load(["train.epochs=3"], ROOT).train.epochs == 3
+    assert list(load(["train.augment.zoom=[-0.2,0.3]"], ROOT).train.augment.zoom) == [-0.2, 0.3]
     with pytest.raises(ConfigError, match=r"train\.epochz"):
         load(["train.epochz=3"], ROOT)
 
@@ -58,6 +59,9 @@ def test_load_applies_overrides_and_rejects_unknown_keys() -> None:
         ("train.lr=-0.1", "train.lr"),
         ("model.name=resnet9000", "model.name"),
         ("data.image_size=8", "data.image_size"),
+        ("train.augment.zoom=[0.4,-0.1]", "train.augment.zoom"),  # low above high
+        ("train.augment.zoom=[-1.0,0.2]", "train.augment.zoom"),  # zooms everything away
+        ("train.augment.zoom=1.5", "train.augment.zoom"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override: str, key: str) -> None:

@@ -312,7 +312,7 @@ def test_space_parses_float_log_int_step_and_categorical() -> None:
                 "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
                 "model.frozen_layers": {"type": "int", "low": 0, "high": 100, "step": 20},
                 "train.optimizer": {"type": "categorical", "choices": ["adamw", "sgd"]},
-                "train.augment.zoom": {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1},
+                "train.augment.translation": {"type": "float", "low": 0, "high": 0.3, "step": 0.1},
             }
         )
     )
