@@ -269,11 +269,12 @@ def validate_tune(tune: DictConfig) -> None:
     require(positive_int(tune.epochs), "epochs", "must be an int >= 1")
     require(0 < tune.subset_fraction <= 1, "subset_fraction", "must be in (0, 1]")
     require(tune.timeout_s is None or tune.timeout_s > 0, "timeout_s", "must be null or > 0")
-    min_gain = tune.get("min_gain", 0.0)
     require(
-        isinstance(min_gain, int | float) and not isinstance(min_gain, bool) and min_gain >= 0,
+        isinstance(tune.min_gain, int | float)
+        and not isinstance(tune.min_gain, bool)
+        and tune.min_gain >= 0,
         "min_gain",
-        f"{min_gain!r} is not a number >= 0",
+        f"{tune.min_gain!r} is not a number >= 0",
     )
     require(
         isinstance(tune.storage, str) and "://" in tune.storage,
@@ -880,7 +881,7 @@ def run(cfg: DictConfig, workers: int = 1) -> dict[str, Any]:
         else "no trial completed"
     )
     print(
-        f"tune: {best}; {report.get('handed_over', '')}; trials {report['trials']}; "
+        f"tune: {best}; {report['handed_over']}; trials {report['trials']}; "
         f"{report['elapsed_seconds']:.0f}s; "
         f"run {report['mlflow_run_id']}",
         flush=True,
@@ -927,7 +928,7 @@ def write_reports(
 ) -> dict[str, Any]:
     best = best_trial(study)
     baseline = baseline_trial(study)
-    values, reason = handed_over(best, baseline, cfg.tune.get("min_gain", 0.0))
+    values, reason = handed_over(best, baseline, cfg.tune.min_gain)
     _write_best_params(cfg, values)
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     report = {
