@@ -86,7 +86,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "train": Command(
         "soundmood.train:run",
-        "train the configured model, keep the best validation epoch, save models/model.keras",
+        "train the configured model, keep the best validation epoch, save models/model.keras "
+        "and score it on the validation split's capture conditions",
         stage=True,
     ),
     "evaluate": Command(
