@@ -62,6 +62,9 @@ def test_load_applies_overrides_and_rejects_unknown_keys() -> None:
         ("train.augment.zoom=[0.4,-0.1]", "train.augment.zoom"),  # low above high
         ("train.augment.zoom=[-1.0,0.2]", "train.augment.zoom"),  # zooms everything away
         ("train.augment.zoom=1.5", "train.augment.zoom"),
+        ("train.logit_adjustment.taus=[]", "train.logit_adjustment.taus"),
+        ("train.logit_adjustment.taus=[0,5]", "train.logit_adjustment.taus"),
+        ("train.logit_adjustment.objective=loss", "train.logit_adjustment.objective"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override: str, key: str) -> None:

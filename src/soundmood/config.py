@@ -247,6 +247,8 @@ def _check_train(c: _Checker) -> None:
     c.integer("train.early_stopping_patience", 0, 10_000)
     c.choice("train.monitor", ("val_macro_f1", "val_accuracy", "val_loss"))
     c.boolean("train.use_tuned")
+    _check_taus(c, "train.logit_adjustment.taus")
+    c.choice("train.logit_adjustment.objective", ("macro_f1", "accuracy"))
     c.boolean("train.deterministic")
     c.integer("train.threads", 0, 1024)
     c.boolean("train.augment.flip")
@@ -256,6 +258,16 @@ def _check_train(c: _Checker) -> None:
     for key in ("contrast", "brightness"):
         c.number(f"train.augment.{key}", 0.0, 1.0)
     c.text("train.model_dir")
+
+
+def _check_taus(c: _Checker, key: str) -> None:
+    """A non-empty list of logit-adjustment strengths, each in [-2, 2]."""
+    value = c.present(key)
+    if value is _MISSING:
+        return
+    taus = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+    if not taus or not all((_is_int(t) or isinstance(t, float)) and -2.0 <= t <= 2.0 for t in taus):
+        c.fail(key, f"{value!r} is not a non-empty list of numbers in [-2, 2]")
 
 
 def _check_zoom(c: _Checker, key: str) -> None:

@@ -26,7 +26,7 @@ import tensorflow as tf
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from soundmood import robustness, tracking
+from soundmood import logit_adjustment, robustness, tracking
 from soundmood.config import ConfigError, validate
 from soundmood.data.prepare import load_index, load_split
 from soundmood.models import backbone_of, build, set_backbone_trainable
@@ -639,6 +639,16 @@ def run(cfg: DictConfig) -> FitResult:
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         )
+        adjustment = logit_adjustment.adjust(result.model, train[1], val, cfg)
+        if adjustment is not None:
+            mlflow.log_metrics(
+                {
+                    "logit_adjustment_tau": adjustment.tau,
+                    f"val_adjusted_{cfg.train.logit_adjustment.objective}": adjustment.scores[
+                        adjustment.tau
+                    ],
+                }
+            )
         val_robust = score_validation_conditions(result.model, val, cfg, reports)
         save_model_atomically(result.model, Path(cfg.train.model_dir) / MODEL_FILE)
         run_id = active.info.run_id
@@ -651,10 +661,22 @@ def run(cfg: DictConfig) -> FitResult:
         "train_images_per_second": round(result.images_per_second, 1),
         "parameters": int(result.model.count_params()),
     }
+    if adjustment is not None:
+        summary["logit_adjustment_tau"] = adjustment.tau
+        summary[f"val_adjusted_{cfg.train.logit_adjustment.objective}"] = round(
+            adjustment.scores[adjustment.tau], 4
+        )
     (reports / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
     (reports / "train_run.json").write_text(
         json.dumps({"mlflow_run_id": run_id, "tuned": tuned}, indent=2, default=str) + "\n"
     )
+    if adjustment is not None:
+        print(
+            f"train: logit adjustment tau {adjustment.tau:g} chosen on validation "
+            f"({cfg.train.logit_adjustment.objective} {adjustment.gain:+.4f} against tau 0; "
+            + ", ".join(f"{t:g}: {v:.4f}" for t, v in adjustment.scores.items())
+            + ")"
+        )
     if val_robust:
         print(
             f"train: validation capture conditions: worst {val_robust['worst_condition']} "
