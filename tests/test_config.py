@@ -46,6 +46,13 @@ def test_flatten_gives_dotted_keys() -> None:
     assert flat["data.classes"] == ["angry", "happy", "neutral", "sad", "surprised"]
 
 
+@pytest.mark.parametrize("override", ["profile=smoke", "model=seed_cnn"])
+def test_stage_overrides_refuse_config_groups(override: str) -> None:
+    # a stage reads params.yaml: switching a group there would set one string, not the group
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0]} is a config group.*params"):
+        load([override], ROOT)
+
+
 def test_load_applies_overrides_and_rejects_unknown_keys() -> None:
     assert load(["train.epochs=3"], ROOT).train.epochs == 3
     assert list(load(["train.augment.zoom=[-0.2,0.3]"], ROOT).train.augment.zoom) == [-0.2, 0.3]

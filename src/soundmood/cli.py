@@ -86,8 +86,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "train": Command(
         "soundmood.train:run",
-        "train the configured model, keep the best validation epoch, save models/model.keras "
-        "and score it on the validation split's capture conditions",
+        "train the configured model, keep the best validation epoch, pick its logit "
+        "adjustment on validation, save models/model.keras and score it on the validation "
+        "split's capture conditions",
         stage=True,
     ),
     "evaluate": Command(
@@ -167,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "overrides",
                 nargs="*",
                 metavar="KEY=VALUE",
-                help="override params.yaml for this run, e.g. train.epochs=3 or "
-                "data.limits.max_archive_bytes=1000000000",
+                help="override params.yaml values for this run, e.g. train.epochs=3 or "
+                "data.limits.max_archive_bytes=1000000000 (config groups such as profile= "
+                "switch through `soundmood params`)",
             )
     return parser
 

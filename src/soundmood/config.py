@@ -74,6 +74,13 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, _ = item.split("=", 1)
+        if (root / CONFIG_DIR / key).is_dir():
+            # profile=... or model=... would only overwrite a value here, not compose the group
+            raise ConfigError(
+                f"override {item!r}: {key} is a config group, which a stage command cannot "
+                f"switch; compose it into params.yaml with `soundmood params {item}` (or "
+                f"`dvc exp run -S {item}`), then run the stage"
+            )
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(f"unknown config key {key!r} in override {item!r}")
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
