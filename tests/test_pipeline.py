@@ -105,6 +105,8 @@ def test_mlflow_run_has_params_metrics_artifacts_and_model(pipeline: dict) -> No
     assert run.data.tags["profile"] == "smoke" and len(run.data.tags["git_commit"]) == 40
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
         assert len(client.get_metric_history(run_id, key)) >= 2, key
+    train_summary = json.loads((pipeline["repo"] / "reports" / "train.json").read_text())
+    assert run.data.metrics["logit_adjustment_tau"] == train_summary["logit_adjustment_tau"]
     metrics = json.loads((pipeline["repo"] / "reports" / "metrics.json").read_text())
     assert run.data.metrics["test_macro_f1"] == pytest.approx(metrics["macro_f1"])
     assert run.data.metrics["test_angry_recall"] == pytest.approx(metrics["angry_recall"])
