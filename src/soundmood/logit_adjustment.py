@@ -20,7 +20,6 @@ from scipy.special import softmax
 from sklearn.metrics import accuracy_score, f1_score
 
 HEAD_LAYER = "probs"  # every builder in soundmood.models names its softmax Dense head so
-OBJECTIVES = ("macro_f1", "accuracy")
 
 
 @dataclass
@@ -29,9 +28,14 @@ class Adjustment:
     scores: dict[float, float] = field(default_factory=dict)  # tau -> validation objective
 
     @property
+    def value(self) -> float:
+        """The chosen tau's validation objective."""
+        return self.scores[self.tau]
+
+    @property
     def gain(self) -> float:
         """The objective's change on validation against the unadjusted model (tau 0)."""
-        return self.scores[self.tau] - self.scores.get(0.0, self.scores[self.tau])
+        return self.value - self.scores.get(0.0, self.value)
 
 
 def log_prior(y_train: np.ndarray, n_classes: int) -> np.ndarray:
@@ -68,8 +72,7 @@ def choose_tau(
     scores = {
         float(t): _objective(y_val, adjusted_prediction(logits, t * prior), objective) for t in taus
     }
-    best = max(scores, key=lambda t: (scores[t], -list(scores).index(t)))
-    return Adjustment(best, scores)
+    return Adjustment(max(scores, key=scores.get), scores)  # max keeps the first of equals
 
 
 def fold_into_head(model: keras.Model, shift: np.ndarray) -> None:

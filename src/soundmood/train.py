@@ -640,15 +640,16 @@ def run(cfg: DictConfig) -> FitResult:
             }
         )
         adjustment = logit_adjustment.adjust(result.model, train[1], val, cfg)
-        if adjustment is not None:
-            mlflow.log_metrics(
-                {
-                    "logit_adjustment_tau": adjustment.tau,
-                    f"val_adjusted_{cfg.train.logit_adjustment.objective}": adjustment.scores[
-                        adjustment.tau
-                    ],
-                }
-            )
+        adjusted = (
+            {
+                "logit_adjustment_tau": adjustment.tau,
+                f"val_adjusted_{cfg.train.logit_adjustment.objective}": adjustment.value,
+            }
+            if adjustment is not None
+            else {}
+        )
+        if adjusted:
+            mlflow.log_metrics(adjusted)
         val_robust = score_validation_conditions(result.model, val, cfg, reports)
         save_model_atomically(result.model, Path(cfg.train.model_dir) / MODEL_FILE)
         run_id = active.info.run_id
@@ -660,12 +661,8 @@ def run(cfg: DictConfig) -> FitResult:
         "train_seconds": round(result.seconds, 1),
         "train_images_per_second": round(result.images_per_second, 1),
         "parameters": int(result.model.count_params()),
+        **{k: round(v, 4) for k, v in adjusted.items()},
     }
-    if adjustment is not None:
-        summary["logit_adjustment_tau"] = adjustment.tau
-        summary[f"val_adjusted_{cfg.train.logit_adjustment.objective}"] = round(
-            adjustment.scores[adjustment.tau], 4
-        )
     (reports / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
     (reports / "train_run.json").write_text(
         json.dumps({"mlflow_run_id": run_id, "tuned": tuned}, indent=2, default=str) + "\n"
