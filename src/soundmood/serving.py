@@ -90,6 +90,19 @@ def face_detector() -> tuple[Callable, Callable] | None:
     return detect_faces, combine_mood
 
 
+def traced_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """`model(x, training=False)` as one graph traced for any batch size. A request is one or a
+    few faces, where predict_on_batch's per-call set-up shows: for a face and its mirror at
+    160 px on 2 cores, 22 against 27 ms p50 for the forward pass alone; through the whole
+    pyfunc, 31.7 against 32.7 ms p50 and 36 against 43 ms p95 (2026-12-01, interleaved runs).
+    The probabilities are identical."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None, *model.input_shape[1:]), model.inputs[0].dtype)
+    graph = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    return lambda batch: np.asarray(graph(batch))
+
+
 class FaceExpressionModel(mlflow.pyfunc.PythonModel):
     """Keras classifier behind an image-bytes interface (see the module docstring)."""
 
@@ -103,6 +116,7 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
 
         self.model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
         self.image_size = int(self.model.input_shape[1])
+        self.forward = traced_forward(self.model)
         config = context.model_config or {}
         self.detect_faces_default = bool(config.get(DETECT_FACES, False))
         # cfg.inference as logged (None: soundmood.inference's defaults, which equal conf/)
@@ -145,11 +159,10 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
         for start in range(0, len(faces), self.batch_size):
             batch = faces[start : start + self.batch_size]
             if not self.tta_flip:
-                chunks.append(np.asarray(self.model.predict_on_batch(batch)))
+                chunks.append(self.forward(batch))
                 continue
             # the faces and their mirrors in one call: one dispatch instead of two per request
-            mirrored = np.concatenate([batch, batch[:, :, ::-1]])
-            both = np.asarray(self.model.predict_on_batch(mirrored))
+            both = self.forward(np.concatenate([batch, batch[:, :, ::-1]]))
             chunks.append((both[: len(batch)] + both[len(batch) :]) / 2)
         return np.concatenate(chunks)
 
