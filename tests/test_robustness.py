@@ -318,6 +318,30 @@ def _result(accuracies: dict[str, float]) -> dict:
     }
 
 
+def test_train_writes_its_validation_report_with_the_conditions_off(
+    prepared_smoke, mlflow_uri: str, tmp_path: Path
+) -> None:
+    """dvc.yaml declares reports/robustness_val.json as train's output, so `-S
+    evaluate.conditions=null` must still write it (the clean validation scores)."""
+    import mlflow
+
+    from soundmood.models import build
+    from soundmood.train import VAL_ROBUSTNESS_FILE, score_validation_conditions
+
+    cfg = prepared_smoke.copy()
+    cfg.evaluate.conditions = None
+    model = build(
+        compose_config(["model=seed_cnn"]).model, cfg.data.image_size, len(cfg.data.classes)
+    )
+    val = load_split(cfg.data.prepared_dir, "val")
+    mlflow.set_experiment("validation-report")  # this test's store, not an earlier test's id
+    with mlflow.start_run():
+        result = score_validation_conditions(model, val, cfg, tmp_path)
+    written = json.loads((tmp_path / VAL_ROBUSTNESS_FILE).read_text())
+    assert written["conditions"] == {} and written["worst_condition"] is None
+    assert written["clean"] == result["clean"] and written["images"] == len(val[1])
+
+
 def test_condition_floor_refuses_below_and_names_the_condition() -> None:
     result = _result({"grey": 0.81, "dark": 0.42, "jpeg": 0.58})
     message = robustness.condition_floor_failure(result, 0.6)
