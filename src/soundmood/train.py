@@ -206,7 +206,7 @@ def fit(
     mode = monitor_mode(t.monitor)
     store = TrainingCheckpoint(work_dir)
     progress = store.resume(training_fingerprint(cfg, train, val, epochs), model, epochs, warmup)
-    val_ds = make_dataset(*val, n_classes, cfg.evaluate.batch_size)  # a predicting batch size
+    val_ds = make_dataset(*val, n_classes, cfg.evaluate.batch_size)  # predict-only: small is fast
     weights = class_weights(train[1], n_classes, t.class_weight)
     relay = EpochRelay(
         [
