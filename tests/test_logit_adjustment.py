@@ -15,6 +15,7 @@ from scipy.special import softmax
 
 from soundmood import logit_adjustment
 from soundmood.data.prepare import load_split
+from soundmood.evaluate import predict_proba
 from soundmood.models import build
 
 
@@ -87,3 +88,6 @@ def test_adjust_folds_the_chosen_tau_and_is_off_with_only_tau_zero(faces: dict) 
     prior = logit_adjustment.log_prior(train_labels, len(cfg.data.classes))
     after = model.get_layer("probs").get_weights()[1]
     np.testing.assert_allclose(after - before, 2.0 * prior, atol=1e-5)
+    # its validation labels are what the folded model predicts (train scores clean val with them)
+    served = predict_proba(model, val[0], 32, cfg.evaluate.tta_flip).argmax(axis=1)
+    np.testing.assert_array_equal(chosen.predictions, served)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from soundmood import cli
 from soundmood.data import prepare
 
-from .conftest import ROOT, smoke_config
+from .conftest import ROOT, compose_config, smoke_config
 
 EPOCHS, WARMUP = 3, 2  # the kill lands inside the warm-up: the resume restores optimizer slots
 
@@ -265,3 +265,21 @@ def test_stale_or_invalid_tuned_values_are_refused(
     with pytest.raises(ConfigError, match=message) as raised:
         apply_tuned(cfg)
     assert str(best) in str(raised.value)
+
+
+def test_checkpoint_fingerprint_covers_training_config_only() -> None:
+    """An evaluate or registry change keeps a resumable checkpoint; a training change does not."""
+    from soundmood.train import training_fingerprint
+
+    cfg = compose_config()
+    arrays = (np.zeros((4, 8, 8, 3), np.uint8), np.arange(4))
+    base = training_fingerprint(cfg, arrays, arrays, 2)
+    for key, value in [("evaluate.batch_size", 3), ("registry.min_improvement", 0.5)]:
+        other = cfg.copy()
+        OmegaConf.update(other, key, value)
+        assert training_fingerprint(other, arrays, arrays, 2) == base, key
+    for key, value in [("train.lr", 0.5), ("model.dropout", 0.33), ("seed", 7)]:
+        other = cfg.copy()
+        OmegaConf.update(other, key, value)
+        assert training_fingerprint(other, arrays, arrays, 2) != base, key
+    assert training_fingerprint(cfg, arrays, arrays, 3) != base

@@ -26,6 +26,9 @@ HEAD_LAYER = "probs"  # every builder in soundmood.models names its softmax Dens
 class Adjustment:
     tau: float
     scores: dict[float, float] = field(default_factory=dict)  # tau -> validation objective
+    # the validation labels the adjusted model predicts (argmax, views averaged): the clean
+    # validation score needs no second prediction pass
+    predictions: np.ndarray | None = None
 
     @property
     def value(self) -> float:
@@ -72,7 +75,8 @@ def choose_tau(
     scores = {
         float(t): _objective(y_val, adjusted_prediction(logits, t * prior), objective) for t in taus
     }
-    return Adjustment(max(scores, key=scores.get), scores)  # max keeps the first of equals
+    tau = max(scores, key=scores.get)  # max keeps the first of equals
+    return Adjustment(tau, scores, adjusted_prediction(logits, tau * prior))
 
 
 def fold_into_head(model: keras.Model, shift: np.ndarray) -> None:

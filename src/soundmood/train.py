@@ -354,8 +354,8 @@ def training_fingerprint(
     val: tuple[np.ndarray, np.ndarray],
     epochs: int,
 ) -> str:
-    """What a checkpoint must have been made with to be resumed: the config, the epoch budget
-    and the exact training and validation arrays."""
+    """What a checkpoint must have been made with to be resumed: the config sections training
+    reads, the epoch budget and the exact training and validation arrays."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{config_digest(cfg)} {epochs}".encode())
     for array in (*train, *val):
@@ -569,8 +569,14 @@ def apply_tuned(cfg: DictConfig) -> tuple[DictConfig, dict[str, object]]:
 _NOT_SET = object()
 
 
+TRAINING_SECTIONS = ("seed", "data", "model", "train")
+
+
 def config_digest(cfg: DictConfig) -> str:
-    blob = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+    """A digest of the sections training reads (with the tuned values applied), so that an
+    evaluate, registry or tracking change does not discard a resumable training checkpoint."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    blob = json.dumps({key: resolved.get(key) for key in TRAINING_SECTIONS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -593,13 +599,18 @@ VAL_ROBUSTNESS_FILE = "robustness_val.json"
 
 
 def score_validation_conditions(
-    model: keras.Model, val: tuple[np.ndarray, np.ndarray], cfg: DictConfig, reports: Path
+    model: keras.Model,
+    val: tuple[np.ndarray, np.ndarray],
+    cfg: DictConfig,
+    reports: Path,
+    clean_pred: np.ndarray | None = None,
 ) -> dict:
     """evaluate's capture conditions on the validation split, for the kept model: what
     augmentation and tuning choices are compared on (reports/robustness_val.json, MLflow
     val_robust_*), so that no choice reads the test split. With no conditions configured the
-    file still holds the clean validation scores: dvc.yaml declares it as train's output."""
-    result = robustness.evaluate_conditions(model, *val, cfg)
+    file still holds the clean validation scores: dvc.yaml declares it as train's output.
+    `clean_pred` (the logit adjustment's validation labels) saves the clean prediction pass."""
+    result = robustness.evaluate_conditions(model, *val, cfg, clean_pred=clean_pred)
     robustness.write_json(result, reports / VAL_ROBUSTNESS_FILE)
     mlflow.log_metrics(robustness.mlflow_metrics(result, prefix="val_robust_"))
     return result
@@ -649,7 +660,9 @@ def run(cfg: DictConfig) -> FitResult:
         )
         if adjusted:
             mlflow.log_metrics(adjusted)
-        val_robust = score_validation_conditions(result.model, val, cfg, reports)
+        val_robust = score_validation_conditions(
+            result.model, val, cfg, reports, adjustment.predictions if adjustment else None
+        )
         save_model_atomically(result.model, Path(cfg.train.model_dir) / MODEL_FILE)
         run_id = active.info.run_id
     shutil.rmtree(work, ignore_errors=True)
