@@ -274,12 +274,14 @@ def test_checkpoint_fingerprint_covers_training_config_only() -> None:
     cfg = compose_config()
     arrays = (np.zeros((4, 8, 8, 3), np.uint8), np.arange(4))
     base = training_fingerprint(cfg, arrays, arrays, 2)
+
+    def with_change(key: str, value: object) -> str:
+        other = cfg.copy()
+        OmegaConf.update(other, key, value)
+        return training_fingerprint(other, arrays, arrays, 2)
+
     for key, value in [("evaluate.batch_size", 3), ("registry.min_improvement", 0.5)]:
-        other = cfg.copy()
-        OmegaConf.update(other, key, value)
-        assert training_fingerprint(other, arrays, arrays, 2) == base, key
+        assert with_change(key, value) == base, key
     for key, value in [("train.lr", 0.5), ("model.dropout", 0.33), ("seed", 7)]:
-        other = cfg.copy()
-        OmegaConf.update(other, key, value)
-        assert training_fingerprint(other, arrays, arrays, 2) != base, key
+        assert with_change(key, value) != base, key
     assert training_fingerprint(cfg, arrays, arrays, 3) != base
