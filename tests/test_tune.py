@@ -67,6 +67,7 @@ def pruned_study(tmp_path_factory: pytest.TempPathFactory, prepared_smoke: DictC
         Path(prepared_smoke.data.root),
         [
             *FAST,
+            "train.lr=1e-3",
             "tune.n_trials=4",
             "tune.epochs=2",
             "tune.pruner=median",
