@@ -366,7 +366,7 @@ def test_empty_space_fails_naming_tune_space() -> None:
 
 def test_study_follows_only_what_a_trial_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same study resumes when paths, train.epochs or threads change, a new one starts when
-    the space or a value the trials train with changes."""
+    the space, a value the trials train with or the baseline trial's values change."""
     monkeypatch.chdir(ROOT)
 
     def name(overrides: list[str] = (), space: dict | None = None) -> str:
@@ -382,10 +382,16 @@ def test_study_follows_only_what_a_trial_depends_on(monkeypatch: pytest.MonkeyPa
         ["train.model_dir=elsewhere"],
         ["tune.n_trials=50"],
         ["tune.storage=sqlite:///other.db"],
-        ["train.lr=0.002"],
-    ):  # a tuned key's configured value only seeds trial 0
+        ["tune.min_gain=0.5"],
+    ):
         assert name(same) == base, same
+    # a tuned key's configured value is the baseline trial's, and what train gets by default
+    assert name(["tune.enqueue_baseline=false", "train.lr=0.002"]) == name(
+        ["tune.enqueue_baseline=false"]
+    )
     for other in (
+        ["train.lr=0.002"],
+        ["model.dropout=0.1"],
         ["tune.epochs=5"],
         ["tune.subset_fraction=0.3"],
         ["train.batch_size=16"],

@@ -306,7 +306,14 @@ def study_name(cfg: DictConfig, params: list[Param]) -> str:
         and k not in tuned
     }
     space = {p.key: [p.kind, p.low, p.high, p.log, p.step, list(p.choices)] for p in params}
-    blob = json.dumps({"space": space, "fixed": fixed}, sort_keys=True, default=str)
+    # the baseline trial measures the configured values and, when no trial clearly beats it,
+    # they are what train gets: a study measured with other defaults must not stand in for them
+    baseline = (
+        {p.key: OmegaConf.select(cfg, p.key) for p in params} if cfg.tune.enqueue_baseline else {}
+    )
+    blob = json.dumps(
+        {"space": space, "fixed": fixed, "baseline": baseline}, sort_keys=True, default=str
+    )
     digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
     return f"soundmood-{data_version()[:8]}-{digest}"
 
