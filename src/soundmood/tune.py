@@ -293,6 +293,11 @@ def validate_tune(tune: DictConfig) -> None:
 # --- the study -------------------------------------------------------------------------------
 
 
+def configured_values(cfg: DictConfig, params: list[Param]) -> dict[str, Any]:
+    """The composed config's own value of every tuned key: what the baseline trial measures."""
+    return {p.key: OmegaConf.select(cfg, p.key) for p in params}
+
+
 def study_name(cfg: DictConfig, params: list[Param]) -> str:
     """Data version + digest of the space and of every value a trial's result depends on."""
     tuned = {p.key for p in params}
@@ -308,9 +313,7 @@ def study_name(cfg: DictConfig, params: list[Param]) -> str:
     space = {p.key: [p.kind, p.low, p.high, p.log, p.step, list(p.choices)] for p in params}
     # the baseline trial measures the configured values and, when no trial clearly beats it,
     # they are what train gets: a study measured with other defaults must not stand in for them
-    baseline = (
-        {p.key: OmegaConf.select(cfg, p.key) for p in params} if cfg.tune.enqueue_baseline else {}
-    )
+    baseline = configured_values(cfg, params) if cfg.tune.enqueue_baseline else {}
     blob = json.dumps(
         {"space": space, "fixed": fixed, "baseline": baseline}, sort_keys=True, default=str
     )
@@ -459,7 +462,7 @@ def _close_orphaned_runs(trial: FrozenTrial) -> None:
 def enqueue_baseline(study: optuna.Study, cfg: DictConfig, params: list[Param]) -> dict[str, Any]:
     """Trial 0 evaluates the composed config's own values (those inside the space), so the study
     always measures the untuned configuration under the same budget."""
-    current = {p.key: OmegaConf.select(cfg, p.key) for p in params}
+    current = configured_values(cfg, params)
     baseline = {p.key: current[p.key] for p in params if p.contains(current[p.key])}
     if baseline:
         study.enqueue_trial(baseline, user_attrs={"baseline": True}, skip_if_exists=True)
