@@ -121,6 +121,28 @@ def test_pyfunc_decodes_images_like_training_and_matches_the_keras_model(store, 
     assert model.metadata.flavors["python_function"]["config"]["detect_faces"] is False
 
 
+def test_evaluate_scores_an_onnx_export_only_if_it_predicts_what_the_keras_model_does(
+    keras_model, tmp_path
+):
+    import keras
+
+    from soundmood.evaluate import check_export, export_served
+    from soundmood.serving import OnnxForward
+
+    keras_path, onnx_path = export_served(keras_model, tmp_path)
+    forward = OnnxForward(onnx_path)
+    faces = face_examples(4)
+    assert forward.image_size == SIZE
+    check_export(keras.models.load_model(keras_path), forward, faces)  # its own graph passes
+
+    other = keras.models.clone_model(keras_model)
+    weights = keras_model.get_weights()
+    weights[-1] = weights[-1] + np.arange(len(weights[-1]), dtype=np.float32)  # probs bias
+    other.set_weights(weights)
+    with pytest.raises(RuntimeError, match=r"ONNX export differs from model\.keras"):
+        check_export(other, forward, faces)
+
+
 def test_pyfunc_rejects_bad_input_with_a_message_naming_the_problem(store, keras_model):
     model = mlflow.pyfunc.load_model(log_in_run(keras_model, tiny_config())[1])
     with pytest.raises(MlflowException) as not_image:

@@ -322,7 +322,7 @@ def condition_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str])
 
 
 def evaluate_conditions(
-    model: keras.Model,
+    model: keras.Model | Callable[[np.ndarray], np.ndarray],
     x: np.ndarray,
     y: np.ndarray,
     cfg: DictConfig,
@@ -330,6 +330,7 @@ def evaluate_conditions(
 ) -> dict[str, Any]:
     """Score the clean split and every configured condition of it.
 
+    `model`: a Keras model or a serving.Forward (evaluate passes the served ONNX graph).
     Predictions go through evaluate.predict_proba with evaluate.batch_size and evaluate.tta_flip,
     as the clean test score does; pass `clean_pred` (argmax labels) to reuse the clean pass.
     Returns {images, seconds, clean: scores, conditions: {name: scores}, worst_condition,

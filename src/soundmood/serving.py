@@ -10,7 +10,9 @@ probable class; with face detection on, also `faces`, how many faces the probabi
 
 Decoding, RGB conversion and resizing happen here with soundmood.data.images, the code training
 used. The soundmood package is logged with the model (code_paths), so the model loads and serves
-without this repository on the path. Bad input (a missing column, bytes that are not an image)
+without this repository on the path. The classifier runs as its ONNX export under ONNX Runtime
+(onnx_model, OnnxForward), the graph evaluate scored; the .keras file rides along for
+retraining and `soundmood predict`. Bad input (a missing column, bytes that are not an image)
 raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring server answers with a 400.
 
 Face detection (`detect_faces`, default off; the model_config default, overridable per request
@@ -41,7 +43,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 FACES_COLUMN = "faces"
-KERAS_ARTIFACT = "keras_model"
+KERAS_ARTIFACT = "keras_model"  # for retraining and `soundmood predict`; not loaded here
+ONNX_ARTIFACT = "onnx_model"  # what the served model runs
 DETECT_FACES = "detect_faces"
 INFERENCE_SETTINGS = "inference"
 # What the served model imports, pinned to the versions it was logged with; each entry lists
@@ -49,6 +52,7 @@ INFERENCE_SETTINGS = "inference"
 # as mtcnn and omegaconf are needed only with face detection).
 SERVING_PACKAGES = (
     ("mlflow",),
+    ("onnxruntime",),
     ("keras",),
     ("tensorflow-cpu", "tensorflow"),
     ("numpy",),
@@ -90,21 +94,75 @@ def face_detector() -> tuple[Callable, Callable] | None:
     return detect_faces, combine_mood
 
 
-def traced_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """`model(x, training=False)` as one graph traced for any batch size. A request is one or a
-    few faces, where predict_on_batch's per-call set-up shows: for a face and its mirror at
-    160 px on 2 cores, 22 against 27 ms p50 for the forward pass alone; through the whole
-    pyfunc, 31.7 against 32.7 ms p50 and 36 against 43 ms p95 (2026-12-01, interleaved runs).
-    The probabilities are identical."""
-    import tensorflow as tf
+Forward = Callable[[np.ndarray], np.ndarray]  # uint8 faces (N, S, S, 3) -> probabilities (N, C)
 
-    spec = tf.TensorSpec((None, *model.input_shape[1:]), model.inputs[0].dtype)
-    graph = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-    return lambda batch: np.asarray(graph(batch))
+
+def onnx_model(model: Any, opset: int = 17) -> bytes:
+    """The Keras classifier as an ONNX graph, what the served model and evaluate run. ONNX
+    Runtime on 2 cores, MobileNetV2 at 160 px: a face and its mirror in 3.7 against 16.8 ms
+    p50 for TensorFlow's traced call; 580 against 330 faces/s at batch 16 (2026-12-02), with
+    probabilities within 1e-6. The variables are frozen first: converting the traced function
+    as it is (tf2onnx, or keras' export(format="onnx")) leaves the Normalization layer's
+    constants as graph inputs."""
+    import logging
+
+    import tensorflow as tf
+    import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    tf2onnx.logging.set_level(logging.ERROR)
+    spec = tf.TensorSpec((None, *model.input_shape[1:]), model.inputs[0].dtype, name="image")
+    traced = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    frozen = convert_variables_to_constants_v2(traced.get_concrete_function())
+    proto, _ = tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(),
+        input_names=[t.name for t in frozen.inputs],
+        output_names=[t.name for t in frozen.outputs],
+        opset=opset,
+    )
+    return proto.SerializeToString()
+
+
+class OnnxForward:
+    """An ONNX Runtime session over onnx_model's graph (bytes or a file), called as a Forward;
+    `threads` 0 lets ONNX Runtime take one per physical core."""
+
+    def __init__(self, model: bytes | str | Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        image = self.session.get_inputs()[0]
+        self.input_name, self.image_size = image.name, int(image.shape[1])
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+
+
+def tta_probabilities(
+    forward: Forward, faces: np.ndarray, batch_size: int, tta_flip: bool
+) -> np.ndarray:
+    """Class probabilities of `faces` in chunks of `batch_size`; with `tta_flip` averaged with
+    those of the mirrored faces. The served model and evaluate both predict through this, so
+    the served predictions are the evaluated ones."""
+    chunks = []
+    for start in range(0, len(faces), batch_size):
+        batch = faces[start : start + batch_size]
+        if not tta_flip:
+            chunks.append(forward(batch))
+            continue
+        # the faces and their mirrors in one call: one dispatch instead of two per request
+        both = forward(np.concatenate([batch, batch[:, :, ::-1]]))
+        chunks.append((both[: len(batch)] + both[len(batch) :]) / 2)
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
 
 
 class FaceExpressionModel(mlflow.pyfunc.PythonModel):
-    """Keras classifier behind an image-bytes interface (see the module docstring)."""
+    """The classifier's ONNX export behind an image-bytes interface (see the module docstring)."""
 
     def __init__(self, classes: list[str], tta_flip: bool, batch_size: int = 64) -> None:
         self.classes = list(classes)
@@ -112,11 +170,9 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
         self.batch_size = batch_size
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        import keras
-
-        self.model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
-        self.image_size = int(self.model.input_shape[1])
-        self.forward = traced_forward(self.model)
+        # ONNX Runtime, not Keras: 4x faster for one face, and no TensorFlow import to serve
+        self.forward = OnnxForward(context.artifacts[ONNX_ARTIFACT])
+        self.image_size = self.forward.image_size
         config = context.model_config or {}
         self.detect_faces_default = bool(config.get(DETECT_FACES, False))
         # cfg.inference as logged (None: soundmood.inference's defaults, which equal conf/)
@@ -155,16 +211,7 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
     def probabilities(self, faces: np.ndarray | None) -> np.ndarray:
         if faces is None:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        chunks = []
-        for start in range(0, len(faces), self.batch_size):
-            batch = faces[start : start + self.batch_size]
-            if not self.tta_flip:
-                chunks.append(self.forward(batch))
-                continue
-            # the faces and their mirrors in one call: one dispatch instead of two per request
-            both = self.forward(np.concatenate([batch, batch[:, :, ::-1]]))
-            chunks.append((both[: len(batch)] + both[len(batch) :]) / 2)
-        return np.concatenate(chunks)
+        return tta_probabilities(self.forward, faces, self.batch_size, self.tta_flip)
 
     def frame(self, probs: np.ndarray, faces: list[int] | None = None) -> pd.DataFrame:
         out = pd.DataFrame(probs.astype(np.float64), columns=self.classes)
@@ -268,6 +315,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def log_pyfunc(
     keras_path: Path,
+    onnx_path: Path,
     classes: list[str],
     tta_flip: bool,
     batch_size: int,
@@ -276,16 +324,17 @@ def log_pyfunc(
     inference: dict | None = None,
     name: str = "model",
 ) -> mlflow.models.model.ModelInfo:
-    """Log the served model to the active run: the .keras file, this package, a signature and an
-    input example (PNG-encoded `examples`, uint8 RGB faces). `inference`: cfg.inference as a
-    plain dict, for the detect_faces option (None: soundmood.inference's defaults)."""
+    """Log the served model to the active run: the .keras and .onnx files, this package, a
+    signature and an input example (PNG-encoded `examples`, uint8 RGB faces). `inference`:
+    cfg.inference as a plain dict, for the detect_faces option (None: soundmood.inference's
+    defaults)."""
     import soundmood
 
     example = pd.DataFrame({IMAGE_COLUMN: [encode_png(x) for x in examples]})
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=FaceExpressionModel(classes, tta_flip, batch_size),
-        artifacts={KERAS_ARTIFACT: str(keras_path)},
+        artifacts={KERAS_ARTIFACT: str(keras_path), ONNX_ARTIFACT: str(onnx_path)},
         code_paths=[str(Path(soundmood.__file__).parent)],
         signature=signature(classes),
         input_example=example,
