@@ -93,9 +93,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "evaluate": Command(
         "soundmood.evaluate:run",
-        "score models/model.keras on the test split once, clean and under each capture "
-        "condition; write reports/metrics.json and reports/robustness.json and log everything "
-        "to MLflow",
+        "export models/model.keras to ONNX (the graph the served model runs) and score it "
+        "on the test split once, clean and under each capture condition; write "
+        "reports/metrics.json and reports/robustness.json and log everything to MLflow",
         stage=True,
     ),
     "register": Command(

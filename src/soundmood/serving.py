@@ -126,16 +126,15 @@ def onnx_model(model: Any, opset: int = 17) -> bytes:
 
 
 class OnnxForward:
-    """An ONNX Runtime session over onnx_model's graph (bytes or a file), called as a Forward;
-    `threads` 0 lets ONNX Runtime take one per physical core."""
+    """An ONNX Runtime session over a file onnx_model wrote, called as a Forward; `threads` 0
+    lets ONNX Runtime take one per physical core."""
 
-    def __init__(self, model: bytes | str | Path, threads: int = 0) -> None:
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         image = self.session.get_inputs()[0]
         self.input_name, self.image_size = image.name, int(image.shape[1])
 
