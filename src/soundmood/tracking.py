@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -87,4 +88,15 @@ def log_dataset(cfg: DictConfig, split: str, context: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(Path(cfg.data.root).resolve() / split))
     dataset = MetaDataset(source=source, name=f"raf-db-5class-{split}", digest=data_version())
-    mlflow.log_input(dataset, context=context)
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as exc:
+            # Parallel runs (dvc exp run --jobs 2) insert the same dataset row at once: the
+            # store looks for the row, then inserts it, so the loser of the race hits the
+            # unique key. A retry finds the winner's row and links it to this run.
+            duplicate = "UNIQUE constraint" in str(exc) or "duplicate key" in str(exc)
+            if not duplicate or attempt == 2:
+                raise
+            time.sleep(0.5)
