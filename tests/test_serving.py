@@ -143,6 +143,28 @@ def test_evaluate_scores_an_onnx_export_only_if_it_predicts_what_the_keras_model
         check_export(other, forward, faces)
 
 
+def test_predict_loads_the_served_models_onnx_graph_and_gives_its_probabilities(store, keras_model):
+    """`soundmood predict --model models:/...` runs the graph the service runs, not the .keras."""
+    from soundmood.evaluate import predict_proba
+    from soundmood.inference import classify, input_size, load_model
+    from soundmood.serving import OnnxForward
+
+    cfg = tiny_config()
+    uri = champion_store(keras_model, cfg)
+    loaded = load_model(MODEL_URI, cfg)
+    assert isinstance(loaded, OnnxForward) and input_size(loaded) == SIZE
+    faces = face_examples(3)
+    out = mlflow.pyfunc.load_model(uri).predict(
+        pd.DataFrame({"image": [raf_jpeg(index=i) for i in range(3)]})
+    )
+    served = out[list(cfg.data.classes)].to_numpy()
+    probs = classify(loaded, faces, cfg.evaluate.tta_flip)
+    np.testing.assert_allclose(probs, served, atol=1e-6)
+    keras_probs = predict_proba(keras_model, faces, batch_size=8, tta_flip=cfg.evaluate.tta_flip)
+    np.testing.assert_allclose(probs, keras_probs, atol=1e-5)
+    assert classify(loaded, faces[:0], True).shape == (0, len(cfg.data.classes))
+
+
 def test_pyfunc_rejects_bad_input_with_a_message_naming_the_problem(store, keras_model):
     model = mlflow.pyfunc.load_model(log_in_run(keras_model, tiny_config())[1])
     with pytest.raises(MlflowException) as not_image:

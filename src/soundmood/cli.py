@@ -49,7 +49,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="models:/soundmood-fer@champion",
-        help="model URI or local .keras path (default: %(default)s)",
+        help="model URI (a registered model runs its ONNX graph, as served) or local .keras "
+        "path (default: %(default)s)",
     )
     p.add_argument("--annotate", metavar="OUT_DIR", help="write annotated copies here")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")

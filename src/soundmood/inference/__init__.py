@@ -7,7 +7,8 @@ Stable API (docs/inference.md):
         confidence, landmarks, crop(size) -> uint8 (size, size, 3) model input;
         np.asarray(face) is the crop at RAF-DB's 100 px.
     predict_photo(model, image, cfg) -> PhotoResult (faces with probabilities and label, mood)
-    load_model(uri_or_path, cfg=None) -> the Keras classifier (.keras file or MLflow URI)
+    load_model(uri_or_path, cfg=None) -> the classifier: a Keras model (.keras file, keras
+        flavor) or, for the served pyfunc, its ONNX graph (serving.OnnxForward)
 """
 
 from soundmood.inference.command import collect_photos, load_photo, predict_cli, predict_file

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from soundmood.cli import UserError
 from soundmood.data.images import IMAGE_SUFFIXES, ImageError, open_image, to_rgb
 from soundmood.inference import annotate
-from soundmood.inference.predict import PhotoResult, load_model, predict_photo
+from soundmood.inference.predict import PhotoResult, load_model, output_count, predict_photo
 from soundmood.inference.settings import Settings, from_config
 
 
@@ -104,7 +104,7 @@ def predict_cli(cfg: DictConfig, args: argparse.Namespace) -> int:
 
 
 def _check_classes(model: Any, classes: list[str], uri: str) -> None:
-    outputs = int(model.output_shape[-1])
+    outputs = output_count(model)
     if outputs != len(classes):
         raise UserError(
             f"--model {uri} has {outputs} outputs but data.classes names "

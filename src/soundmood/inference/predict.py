@@ -15,6 +15,7 @@ from soundmood.cli import UserError
 from soundmood.data.images import to_rgb
 from soundmood.inference.detect import Box, Face, detect_faces
 from soundmood.inference.settings import Settings, from_config
+from soundmood.serving import OnnxForward, tta_probabilities
 
 
 class ModelLoadError(UserError):
@@ -70,18 +71,25 @@ class PhotoResult:
 
 
 def input_size(model: Any) -> int:
+    if isinstance(model, OnnxForward):
+        return model.image_size
     return int(model.input_shape[1])
 
 
+def output_count(model: Any) -> int:
+    if isinstance(model, OnnxForward):
+        return int(model.session.get_outputs()[0].shape[-1])
+    return int(model.output_shape[-1])
+
+
 def classify(model: Any, crops: np.ndarray, tta_flip: bool) -> np.ndarray:
-    """Class probabilities of uint8 face crops (N, S, S, 3); with `tta_flip` averaged with the
-    mirrored crops', as the evaluate stage scores the test split."""
+    """Class probabilities of uint8 face crops (N, S, S, 3) from a Keras model or the served
+    ONNX graph; with `tta_flip` averaged with the mirrored crops', through the same function
+    evaluate and the served model predict with."""
     if len(crops) == 0:
-        return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
-    probs = np.asarray(model.predict_on_batch(crops))
-    if tta_flip:
-        probs = (probs + np.asarray(model.predict_on_batch(crops[:, :, ::-1]))) / 2
-    return probs
+        return np.zeros((0, output_count(model)), dtype=np.float32)
+    forward = model if isinstance(model, OnnxForward) else model.predict_on_batch
+    return tta_probabilities(forward, crops, len(crops), tta_flip)
 
 
 def combine_mood(probs: np.ndarray, areas: np.ndarray, weighting: str) -> np.ndarray | None:
@@ -147,11 +155,12 @@ def _face_result(face: Face, probs: np.ndarray, classes: list[str]) -> FaceResul
 
 
 def load_model(uri: str, cfg: DictConfig | None = None) -> Any:
-    """The Keras classifier behind `uri`: a local .keras file, a local MLflow model folder, or an
+    """The classifier behind `uri`: a local .keras file, a local MLflow model folder, or an
     MLflow URI (models:/name@alias, models:/name/3, runs:/id/model, ...). For MLflow models
     logged with the keras flavor that flavor loads it; for the served pyfunc
-    (soundmood.serving) the .keras artifact inside it is loaded. `cfg` points MLflow at the
-    configured tracking store (MLFLOW_TRACKING_URI wins)."""
+    (soundmood.serving) its ONNX graph, the one evaluate scored and the service runs, is loaded
+    as an OnnxForward (older pyfuncs without one: their .keras artifact). `cfg` points MLflow
+    at the configured tracking store (MLFLOW_TRACKING_URI wins)."""
     import keras
 
     path = Path(uri).expanduser()
@@ -192,7 +201,10 @@ def _from_mlflow_folder(folder: Path, uri: str) -> Any:
         import mlflow
 
         return _checked(mlflow.keras.load_model(str(folder)), uri)
-    saved = sorted(folder.rglob("*.keras"))  # the served pyfunc keeps its .keras as an artifact
+    graphs = sorted(folder.rglob("*.onnx"))  # the served pyfunc's artifacts
+    if graphs:
+        return _checked_graph(graphs[0], uri)
+    saved = sorted(folder.rglob("*.keras"))
     if saved:
         return _checked(keras.models.load_model(saved[0], compile=False), uri)
     raise ModelLoadError(
@@ -206,3 +218,12 @@ def _checked(model: Any, uri: str) -> Any:
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
         raise ModelLoadError(f"--model {uri}: input shape {shape} is not (N, S, S, 3)")
     return model
+
+
+def _checked_graph(path: Path, uri: str) -> OnnxForward:
+    try:
+        return OnnxForward(path)
+    except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
+        raise ModelLoadError(
+            f"--model {uri}: {path.name} is not a loadable ONNX graph: {exc}"
+        ) from exc
