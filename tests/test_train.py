@@ -285,3 +285,53 @@ def test_checkpoint_fingerprint_covers_training_config_only() -> None:
     for key, value in [("train.lr", 0.5), ("model.dropout", 0.33), ("seed", 7)]:
         assert with_change(key, value) != base, key
     assert training_fingerprint(cfg, arrays, arrays, 3) != base
+
+
+@pytest.mark.parametrize(
+    "pinned",
+    [
+        {"zoom": (0.5, 0.5)},  # out: the face smaller
+        {"zoom": (-0.3, -0.3)},  # in
+        {"rotation": (0.04, 0.04)},
+        {"translation": (0.05, 0.05)},
+    ],
+    ids=["zoom-out", "zoom-in", "rotation", "translation"],
+)
+def test_fused_warp_draws_what_the_keras_layers_draw(prepared_smoke, pinned: dict) -> None:
+    """With one range pinned to a single value, RandomWarp's single resampling gives exactly
+    the Keras layer's output; with the flip alone, each face comes back as it was or mirrored."""
+    import keras
+    import tensorflow as tf
+
+    from soundmood.train import RandomWarp
+
+    x, _ = prepare.load_split(prepared_smoke.data.prepared_dir, "train")
+    faces = tf.cast(x[:12], tf.float32)
+    ranges = {"rotation": (0.0, 0.0), "zoom": (0.0, 0.0), "translation": (0.0, 0.0)} | pinned
+    ((name, value),) = pinned.items()
+    keras_layer = {
+        "zoom": lambda: keras.layers.RandomZoom(value, fill_mode="reflect"),
+        "rotation": lambda: keras.layers.RandomRotation(value, fill_mode="reflect"),
+        "translation": lambda: keras.layers.RandomTranslation(value, value, fill_mode="reflect"),
+    }[name]()
+    ours = RandomWarp(False, **ranges)(faces, training=True).numpy()
+    theirs = keras_layer(faces, training=True).numpy()
+    assert np.abs(ours - x[:12]).mean() > 1.0  # it moved the faces
+    np.testing.assert_allclose(ours, theirs, atol=1e-2)  # float rounding in the matrices
+
+    flipped = RandomWarp(True, (0.0, 0.0), (0.0, 0.0), (0.0, 0.0), seed=3)(faces, training=True)
+    kinds = {
+        "same" if np.allclose(a, b, atol=1e-3) else "mirror"
+        for a, b in zip(flipped.numpy(), x[:12].astype(np.float32), strict=True)
+        if np.allclose(a, b, atol=1e-3) or np.allclose(a, b[:, ::-1], atol=1e-3)
+    }
+    assert kinds == {"same", "mirror"}
+    assert np.array_equal(RandomWarp(True, **ranges)(faces, training=False).numpy(), faces.numpy())
+
+
+def test_training_augmentation_resamples_once() -> None:
+    from soundmood import train
+
+    names = [layer.name for layer in train.augmentation(compose_config().train.augment, 0).layers]
+    assert names.count("random_warp") == 1
+    assert not {"random_flip", "random_rotation", "random_zoom", "random_translation"} & set(names)

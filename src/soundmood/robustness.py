@@ -513,11 +513,14 @@ def _layers_module() -> Any:
             if not training:
                 return images
             u = keras.random.uniform((tf.shape(images)[0], 3), seed=self.generator)
+            # The power is the costly part: take it on the chosen images only.
+            chosen = tf.where(u[:, 0] < self.probability)
+            u = tf.gather_nd(u, chosen)
             gamma = tf.exp((2.0 * u[:, 1] - 1.0) * math.log(self.max_gamma))
             gain = self.min_gain + (1.0 - self.min_gain) * u[:, 2]
-            unit = tf.clip_by_value(images, 0.0, 255.0) / 255.0
+            unit = tf.clip_by_value(tf.gather_nd(images, chosen), 0.0, 255.0) / 255.0
             out = 255.0 * gain[:, None, None, None] * unit ** gamma[:, None, None, None]
-            return tf.where((u[:, 0] < self.probability)[:, None, None, None], out, images)
+            return tf.tensor_scatter_nd_update(images, chosen, out)
 
         def compute_output_shape(self, input_shape: tuple) -> tuple:
             return input_shape
