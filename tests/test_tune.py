@@ -491,3 +491,29 @@ def test_a_lead_below_min_gain_keeps_the_configured_values() -> None:
     )
     with pytest.raises(ConfigError, match=re.escape("tune.min_gain: -0.1 is not a number >= 0")):
         tune.validate_tune(OmegaConf.merge(compose_config().tune, {"min_gain": -0.1}))
+
+
+def _sleeping_study(seconds: float, budget_s: float, n_trials: int) -> list[int]:
+    """Trial numbers a real in-memory study runs with trials of `seconds`, under the stage's
+    deadline callback and, as `optimize` passes it, Optuna's own timeout."""
+    study = optuna.create_study(direction="maximize")
+    deadline = time.monotonic() + budget_s
+
+    def objective(trial: optuna.Trial) -> float:
+        time.sleep(seconds)
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=budget_s,
+        callbacks=[tune.stop_before_deadline(deadline)],
+    )
+    return [t.number for t in study.trials]
+
+
+def test_no_trial_starts_that_would_end_past_the_timeout() -> None:
+    # Optuna's timeout alone starts a second 0.6 s trial at 0.6 s of a 1 s budget (ending at 1.2 s)
+    assert _sleeping_study(0.6, budget_s=1.0, n_trials=5) == [0]
+    # trials that fit keep coming until n_trials
+    assert _sleeping_study(0.05, budget_s=30.0, n_trials=3) == [0, 1, 2]
