@@ -45,7 +45,7 @@ def training_throughput(
     configure_tensorflow(t.threads, cfg.seed)
     x, y = load_split(cfg.data.prepared_dir, "train")
     n = min(len(x), t.batch_size * (steps + 3))
-    x = x[:n]
+    x, y = x[:n], y[:n]
     size = image_size or cfg.data.image_size
     if size != x.shape[1]:
         import tensorflow as tf
@@ -56,7 +56,7 @@ def training_throughput(
     set_backbone_trainable(model, True, model_cfg.get("frozen_layers", 0))  # as fine-tuning runs
     compile_model(model, t, n_classes, steps)
     batches = list(
-        make_dataset(x, y[:n], n_classes, t.batch_size, augmentation(t.augment, cfg.seed), cfg.seed)
+        make_dataset(x, y, n_classes, t.batch_size, augmentation(t.augment, cfg.seed), cfg.seed)
     )
     for images, labels in batches[:3]:  # tracing and first-step allocations
         model.train_on_batch(images, labels)
