@@ -693,7 +693,9 @@ def run(cfg: DictConfig) -> FitResult:
             f"mean drop {val_robust['mean_drop']:.4f}"
         )
     print(
-        f"train: best epoch {result.best_epoch} {cfg.train.monitor}={result.best_value:.4f} "
+        # 1-based, like the epoch lines above it (train.json keeps the 0-based history index).
+        f"train: best epoch {result.best_epoch + 1} of {len(result.history)} "
+        f"{cfg.train.monitor}={result.best_value:.4f} "
         f"in {result.seconds:.0f}s ({result.images_per_second:.0f} img/s); run {run_id}"
     )
     return result
