@@ -40,6 +40,7 @@ def _train_args(cfg: DictConfig, out: Path) -> list[str]:
         f"train.batch_size={cfg.train.batch_size}",
         "train.early_stopping_patience=10",
         "train.deterministic=true",
+        "train.epoch_cap_per_class=30",  # below every class's count: each epoch draws afresh
     ]
 
 
@@ -179,6 +180,20 @@ def test_prepare_is_byte_reproducible(
     )
 
 
+def test_epoch_cap_draws_a_fresh_seeded_subset_of_the_larger_classes() -> None:
+    from soundmood.train import epoch_indices
+
+    y = np.repeat([0, 1, 2], [5, 40, 12])
+    assert np.array_equal(epoch_indices(y, None, 0), np.arange(len(y)))
+    draws = [epoch_indices(y, 12, seed) for seed in range(30)]
+    for idx in draws:
+        assert np.bincount(y[idx]).tolist() == [5, 12, 12]
+        assert len(np.unique(idx)) == len(idx)
+    assert np.array_equal(draws[3], epoch_indices(y, 12, 3))  # a resumed epoch redraws the same
+    assert len({d.tobytes() for d in draws}) == len(draws)  # a different draw every epoch
+    assert set(np.concatenate(draws).tolist()) == set(range(len(y)))  # every face in play
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -194,6 +209,7 @@ def test_prepare_is_byte_reproducible(
         ),
         ("train.deterministic=maybe", "train.deterministic: 'maybe' is not true or false"),
         ("train.epochs=0", "train.epochs: 0 is not in [1, 10000]"),
+        ("train.epoch_cap_per_class=0", "train.epoch_cap_per_class: 0 is not in [1, inf]"),
     ],
 )
 def test_bad_config_fails_before_training(
