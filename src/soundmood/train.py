@@ -109,10 +109,9 @@ def make_dataset(
 
 
 def epoch_indices(y: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
-    """The training images one epoch sees: all of them, or with `cap` a fresh seeded draw of
-    `cap` images from each class that has more (the rest whole). Balanced class weights already
-    count each surplus happy face at under half; drawing a different subset each epoch keeps its
-    share of the loss and every image in play across epochs, at a fifth less compute an epoch."""
+    """Indices of the training images one epoch sees: all of them, or with `cap` a fresh seeded
+    draw of `cap` images from each class that has more (the rest whole), so that across epochs
+    every image stays in play."""
     if not cap:
         return np.arange(len(y))
     rng = np.random.default_rng(seed)
@@ -244,7 +243,8 @@ def fit(
                 store.restore_optimizer(model, phase)
         start = time.perf_counter()
         epoch_seed = cfg.seed * 1000 + epoch
-        seen = epoch_indices(train[1], cap, epoch_seed)
+        # without a cap, the arrays as they are: indexing would copy every image each epoch
+        seen = epoch_indices(train[1], cap, epoch_seed) if cap else slice(None)
         train_ds = make_dataset(
             train[0][seen],
             train[1][seen],
