@@ -1,7 +1,7 @@
 """Logit adjustment on a real model and real faces: the numpy path that picks tau predicts what
 the Keras model predicts once tau is folded into its head, the fold survives saving, a larger tau
-only moves decisions toward the commoner classes, and tau 0 in the grid means validation never
-gets worse."""
+only moves decisions toward the commoner classes, tau 0 in the grid means validation never
+gets worse, and the ONNX graph train predicts with picks what Keras would."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_folded_bias_gives_the_adjusted_posterior_and_survives_saving(
 ) -> None:
     cfg, (x, _) = faces["cfg"], faces["val"]
     model = _model(cfg)
-    (logits,) = logit_adjustment.head_logits(model, x, 32, tta_flip=False)
+    (logits,) = logit_adjustment.view_logits(model.predict_on_batch, x, 32, tta_flip=False)
     np.testing.assert_allclose(softmax(logits, axis=1), model.predict(x, verbose=0), atol=1e-4)
     shift = np.log([0.1, 0.4, 0.2, 0.2, 0.1])
     logit_adjustment.fold_into_head(model, shift)
@@ -52,7 +52,8 @@ def test_folded_bias_gives_the_adjusted_posterior_and_survives_saving(
 
 def test_larger_tau_only_moves_decisions_toward_the_commonest_class(faces: dict) -> None:
     cfg, (x, _) = faces["cfg"], faces["val"]
-    logits = logit_adjustment.head_logits(_model(cfg), x, 32, tta_flip=False)
+    model = _model(cfg)
+    logits = logit_adjustment.view_logits(model.predict_on_batch, x, 32, tta_flip=False)
     prior = np.log([0.06, 0.42, 0.22, 0.18, 0.12])  # happy commonest, as in RAF-DB's train split
     happy = [
         int((logit_adjustment.adjusted_prediction(logits, t * prior) == 1).sum())
@@ -68,7 +69,7 @@ def test_chosen_tau_is_the_best_on_validation_and_never_worse_than_none(faces: d
     model = _model(cfg)
     prior = logit_adjustment.log_prior(train_labels, len(cfg.data.classes))
     np.testing.assert_allclose(np.exp(prior).sum(), 1.0)
-    logits = logit_adjustment.head_logits(model, x, 32, tta_flip=True)
+    logits = logit_adjustment.view_logits(model.predict_on_batch, x, 32, tta_flip=True)
     taus = [0.0, 0.5, 1.0, 1.5]
     chosen = logit_adjustment.choose_tau(logits, y, prior, taus, "macro_f1")
     assert list(chosen.scores) == taus
@@ -81,9 +82,9 @@ def test_adjust_folds_the_chosen_tau_and_is_off_with_only_tau_zero(faces: dict) 
     model = _model(cfg)
     before = model.get_layer("probs").get_weights()[1].copy()
     cfg.train.logit_adjustment.taus = [0.0]
-    assert logit_adjustment.adjust(model, train_labels, val, cfg) is None
+    assert logit_adjustment.adjust(model, model.predict_on_batch, train_labels, val, cfg) is None
     cfg.train.logit_adjustment.taus = [2.0]  # forced: the only choice
-    chosen = logit_adjustment.adjust(model, train_labels, val, cfg)
+    chosen = logit_adjustment.adjust(model, model.predict_on_batch, train_labels, val, cfg)
     assert chosen is not None and chosen.tau == 2.0
     prior = logit_adjustment.log_prior(train_labels, len(cfg.data.classes))
     after = model.get_layer("probs").get_weights()[1]
@@ -91,3 +92,22 @@ def test_adjust_folds_the_chosen_tau_and_is_off_with_only_tau_zero(faces: dict) 
     # its validation labels are what the folded model predicts (train scores clean val with them)
     served = predict_proba(model, val[0], 32, cfg.evaluate.tta_flip).argmax(axis=1)
     np.testing.assert_array_equal(chosen.predictions, served)
+
+
+def test_the_onnx_graph_picks_the_tau_and_labels_keras_would(faces: dict, tmp_path: Path) -> None:
+    from soundmood.evaluate import onnx_forward
+
+    cfg, (x, y), train_labels = faces["cfg"], faces["val"], faces["train"][1]
+    model = _model(cfg)
+    prior = logit_adjustment.log_prior(train_labels, len(cfg.data.classes))
+    taus = [0.0, 0.5, 1.0, 2.0]
+    graph = onnx_forward(model, tmp_path, 2, x[:8])
+    by_keras, by_onnx = (
+        logit_adjustment.choose_tau(
+            logit_adjustment.view_logits(forward, x, 16, tta_flip=True), y, prior, taus, "macro_f1"
+        )
+        for forward in (model.predict_on_batch, graph)
+    )
+    assert by_onnx.tau == by_keras.tau
+    np.testing.assert_allclose(list(by_onnx.scores.values()), list(by_keras.scores.values()))
+    np.testing.assert_array_equal(by_onnx.predictions, by_keras.predictions)

@@ -139,7 +139,7 @@ def test_evaluate_scores_an_onnx_export_only_if_it_predicts_what_the_keras_model
     weights = keras_model.get_weights()
     weights[-1] = weights[-1] + np.arange(len(weights[-1]), dtype=np.float32)  # probs bias
     other.set_weights(weights)
-    with pytest.raises(RuntimeError, match=r"ONNX export differs from model\.keras"):
+    with pytest.raises(RuntimeError, match=r"ONNX export differs from the trained model\.keras"):
         check_export(other, forward, faces)
 
 

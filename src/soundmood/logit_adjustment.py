@@ -19,6 +19,9 @@ from omegaconf import DictConfig
 from scipy.special import softmax
 from sklearn.metrics import accuracy_score, f1_score
 
+from soundmood.serving import Forward, tta_probabilities
+
+TINY = np.finfo(np.float32).tiny  # a probability that underflowed to 0 stays finite in log space
 HEAD_LAYER = "probs"  # every builder in soundmood.models names its softmax Dense head so
 
 
@@ -47,15 +50,18 @@ def log_prior(y_train: np.ndarray, n_classes: int) -> np.ndarray:
     return np.log(counts / counts.sum())
 
 
-def head_logits(
-    model: keras.Model, x: np.ndarray, batch_size: int, tta_flip: bool
+def view_logits(
+    forward: Forward, x: np.ndarray, batch_size: int, tta_flip: bool
 ) -> list[np.ndarray]:
-    """The softmax head's logits for `x` (and its mirror with `tta_flip`), one array per view."""
-    head = model.get_layer(HEAD_LAYER)
-    features = keras.Model(model.inputs, head.input)
-    kernel, bias = (np.asarray(w, dtype=np.float64) for w in head.get_weights())
+    """The model's logits for `x` (and its mirror with `tta_flip`), one array per view, up to a
+    constant per face: the log of the probabilities `forward` predicts. Softmax ignores such a
+    constant, so shifting these and taking the softmax gives what the shifted head predicts,
+    and any Forward works, the ONNX graph train scores validation with included."""
     views = [x, x[:, :, ::-1]] if tta_flip else [x]
-    return [features.predict(v, batch_size=batch_size, verbose=0) @ kernel + bias for v in views]
+    return [
+        np.log(np.maximum(tta_probabilities(forward, v, batch_size, False), TINY).astype(float))
+        for v in views
+    ]
 
 
 def adjusted_prediction(logits: list[np.ndarray], shift: np.ndarray) -> np.ndarray:
@@ -87,19 +93,21 @@ def fold_into_head(model: keras.Model, shift: np.ndarray) -> None:
 
 def adjust(
     model: keras.Model,
+    forward: Forward,
     train_labels: np.ndarray,
     val: tuple[np.ndarray, np.ndarray],
     cfg: DictConfig,
 ) -> Adjustment | None:
     """Pick tau on validation (train.logit_adjustment) and fold it into `model`; None when the
-    grid is only tau 0 (adjustment off)."""
+    grid is only tau 0 (adjustment off). `forward` predicts what `model` predicts before the
+    fold (its ONNX graph, or `model.predict_on_batch`)."""
     settings = cfg.train.logit_adjustment
     taus = [float(t) for t in settings.taus]
     if not any(taus):
         return None
     n_classes = len(cfg.data.classes)
     prior = log_prior(train_labels, n_classes)
-    logits = head_logits(model, val[0], cfg.evaluate.batch_size, cfg.evaluate.tta_flip)
+    logits = view_logits(forward, val[0], cfg.evaluate.batch_size, cfg.evaluate.tta_flip)
     chosen = choose_tau(logits, val[1], prior, taus, settings.objective)
     if chosen.tau:
         fold_into_head(model, chosen.tau * prior)
