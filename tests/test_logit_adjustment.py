@@ -95,13 +95,13 @@ def test_adjust_folds_the_chosen_tau_and_is_off_with_only_tau_zero(faces: dict) 
 
 
 def test_the_onnx_graph_picks_the_tau_and_labels_keras_would(faces: dict, tmp_path: Path) -> None:
-    from soundmood.evaluate import onnx_forward
+    from soundmood.evaluate import served_forward
 
     cfg, (x, y), train_labels = faces["cfg"], faces["val"], faces["train"][1]
     model = _model(cfg)
     prior = logit_adjustment.log_prior(train_labels, len(cfg.data.classes))
     taus = [0.0, 0.5, 1.0, 2.0]
-    graph = onnx_forward(model, tmp_path, 2, x[:8])
+    graph = served_forward(model, tmp_path, 2, x[:8])
     by_keras, by_onnx = (
         logit_adjustment.choose_tau(
             logit_adjustment.view_logits(forward, x, 16, tta_flip=True), y, prior, taus, "macro_f1"

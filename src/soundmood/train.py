@@ -17,7 +17,6 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from soundmood import logit_adjustment, robustness, tracking
 from soundmood.config import ConfigError, validate
 from soundmood.data.prepare import load_index, load_split
 from soundmood.models import backbone_of, build, set_backbone_trainable
+from soundmood.serving import Forward
 
 # Training checkpoints, one folder per config and data version (tests point it elsewhere).
 WORK_DIR = Path(os.environ.get("SOUNDMOOD_WORK_DIR", ".work"))
@@ -622,7 +622,7 @@ VAL_ROBUSTNESS_FILE = "robustness_val.json"
 
 
 def score_validation_conditions(
-    model: keras.Model | Callable[[np.ndarray], np.ndarray],
+    model: keras.Model | Forward,
     val: tuple[np.ndarray, np.ndarray],
     cfg: DictConfig,
     reports: Path,
@@ -648,14 +648,14 @@ def adjust_and_score_validation(
     """Logit adjustment and the validation capture conditions, predicted by `model`'s ONNX
     graph, as evaluate predicts: about twice Keras' speed on 2 cores (the default model's
     validation split: 181 s of Keras predictions, 117 s for this whole step, 2026-12-04)."""
-    from soundmood.evaluate import onnx_forward  # evaluate imports this module
+    from soundmood.evaluate import served_forward  # evaluate imports this module
 
     threads, check_faces = int(cfg.train.threads), val[0][:32]
     with tempfile.TemporaryDirectory(prefix="soundmood-train-") as tmp:
-        forward = onnx_forward(model, Path(tmp), threads, check_faces)
+        forward = served_forward(model, Path(tmp), threads, check_faces)
         adjustment = logit_adjustment.adjust(model, forward, train_labels, val, cfg)
         if adjustment is not None and adjustment.tau:  # the graph predates the folded bias
-            forward = onnx_forward(model, Path(tmp), threads, check_faces)
+            forward = served_forward(model, Path(tmp), threads, check_faces)
         clean = adjustment.predictions if adjustment is not None else None
         return adjustment, score_validation_conditions(
             forward, val, cfg, Path(cfg.evaluate.reports_dir), clean
