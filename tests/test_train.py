@@ -301,3 +301,45 @@ def test_checkpoint_fingerprint_covers_training_config_only() -> None:
     for key, value in [("train.lr", 0.5), ("model.dropout", 0.33), ("seed", 7)]:
         assert with_change(key, value) != base, key
     assert training_fingerprint(cfg, arrays, arrays, 3) != base
+
+
+def test_ema_keeps_the_moving_average_that_validation_scored(
+    prepared_smoke: DictConfig, tmp_path: Path
+) -> None:
+    """A moving average far slower than the run barely leaves the weights of the first step
+    (Keras starts it there), while the trained weights move on: the kept model must be the
+    average, whichever epoch validation picked."""
+    import keras
+
+    from soundmood import train
+    from soundmood.data.prepare import load_split
+
+    class RecordFirstStep(keras.callbacks.Callback):
+        weights: dict[str, np.ndarray] | None = None
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if self.weights is None:
+                self.weights = {v.path: v.numpy() for v in self.model.variables}
+
+    start = RecordFirstStep()
+    cfg = OmegaConf.merge(
+        prepared_smoke, {"train": {"warmup_epochs": 0, "epochs": 2, "ema_fraction": 1000}}
+    )
+    work = tmp_path / "work"
+    result = train.fit(
+        cfg,
+        load_split(cfg.data.prepared_dir, "train"),
+        load_split(cfg.data.prepared_dir, "val"),
+        work,
+        extra_callbacks=[start],
+        verbose=0,
+    )
+    assert train.uses_ema(result.model) and result.best_epoch >= 0
+    trainable = [v.path for v in result.model.trainable_variables]
+    kept = {v.path: v.numpy() for v in result.model.variables}
+    # the last epoch's trained weights, as its checkpoint holds them (model.variables order)
+    last = np.load(work / "epoch-1.npz")
+    trained = {v.path: last[f"model_{i:04d}"] for i, v in enumerate(result.model.variables)}
+    moved = sum(float(np.sum((trained[p] - start.weights[p]) ** 2)) for p in trainable)
+    drift = sum(float(np.sum((kept[p] - start.weights[p]) ** 2)) for p in trainable)
+    assert moved > 0 and drift < 1e-3 * moved

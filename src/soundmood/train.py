@@ -3,7 +3,8 @@ models/model.keras.
 
 Pretrained models first train their head with the backbone frozen (`train.warmup_epochs`), then
 fine-tune. The epoch kept is the best on `train.monitor` over the validation split; the test split
-is never read here.
+is never read here. With `train.ema_fraction` the fine-tuning weights are averaged (Polyak), and
+validation scores, and the model keeps, the average.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,26 +132,78 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str) -> dict[int, float] 
     return {k: float(len(y) / (n_classes * max(c, 1.0))) for k, c in enumerate(counts)}
 
 
-def make_optimizer(train: DictConfig, decay_steps: int) -> keras.optimizers.Optimizer:
+def ema_momentum(ema_fraction: float | None, finetune_steps: int) -> float | None:
+    """The optimizer's `ema_momentum` for a moving average whose time constant is
+    `ema_fraction` of the fine-tuning steps (None or 0: no averaging). A share of the run, as
+    the cosine schedule is, so that tune's short trials average as the full run does."""
+    if not ema_fraction:
+        return None
+    return 1.0 - 1.0 / max(ema_fraction * finetune_steps, 1.0)
+
+
+def make_optimizer(
+    train: DictConfig, decay_steps: int, ema: float | None = None
+) -> keras.optimizers.Optimizer:
     lr: float | keras.optimizers.schedules.LearningRateSchedule = train.lr
     if train.schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(train.lr, max(decay_steps, 1), alpha=0.01)
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema is not None else {}
     if train.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay)
+        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay, **averaging)
     if train.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
-    return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
+        return keras.optimizers.Adam(lr, **averaging)
+    return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, **averaging)
 
 
-def compile_model(model: keras.Model, train: DictConfig, n_classes: int, decay_steps: int) -> None:
+def compile_model(
+    model: keras.Model,
+    train: DictConfig,
+    n_classes: int,
+    decay_steps: int,
+    ema: float | None = None,
+) -> None:
     model.compile(
-        optimizer=make_optimizer(train, decay_steps),
+        optimizer=make_optimizer(train, decay_steps, ema),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
         metrics=[
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.F1Score(average="macro", name="macro_f1"),
         ],
     )
+
+
+def uses_ema(model: keras.Model) -> bool:
+    return bool(getattr(model.optimizer, "use_ema", False))
+
+
+@contextlib.contextmanager
+def ema_weights(model: keras.Model) -> Iterator[None]:
+    """The optimizer's moving averages in the model's trainable variables for the block, as
+    keras.callbacks.SwapEMAWeights puts them there for validation; a no-op without EMA."""
+    if not uses_ema(model):
+        yield
+        return
+    swap = keras.callbacks.SwapEMAWeights()
+    swap.set_model(model)
+    swap.on_test_begin()
+    try:
+        yield
+    finally:
+        swap.on_test_end()
+
+
+class EmaValidation(keras.callbacks.SwapEMAWeights):
+    """Validation scores the optimizer's moving average, as SwapEMAWeights arranges. model.fit
+    then ends by writing the average over the trained weights (finalize_variable_values), but
+    training goes on in the next epoch's fit call: on_train_end puts the trained weights back."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch, logs)
+        self.trained = [v.numpy() for v in self.model.trainable_variables]
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        for variable, value in zip(self.model.trainable_variables, self.trained, strict=True):
+            variable.assign(value)
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -261,7 +315,8 @@ def fit(
             initial_epoch=epoch,
             epochs=epoch + 1,
             class_weight=weights,
-            callbacks=[relay],
+            # validation scores the moving average, the weights that would be kept
+            callbacks=[relay, *([EmaValidation()] if uses_ema(model) else [])],
             shuffle=False,  # shuffled above
             verbose=1 if verbose == 1 else 0,
         )
@@ -323,7 +378,8 @@ def _enter_phase(
         compile_model(model, OmegaConf.merge(t, {"schedule": "constant"}), n_classes, steps)
     else:
         set_backbone_trainable(model, True, cfg.model.get("frozen_layers", 0))
-        compile_model(model, t, n_classes, steps * finetune_epochs)
+        ema = ema_momentum(t.get("ema_fraction"), steps * finetune_epochs)
+        compile_model(model, t, n_classes, steps * finetune_epochs, ema)
 
 
 class EpochRelay(keras.callbacks.Callback):
@@ -509,8 +565,10 @@ class TrainingCheckpoint:
             [v.numpy() for v in model.optimizer.variables],
             phase,
         )
-        if progress.improved:
-            _save_arrays(self.dir / f"best-{epoch}.npz", state, [], phase)
+        if progress.improved:  # the weights validation scored: the moving average, with EMA
+            with ema_weights(model):
+                kept = [v.numpy() for v in model.variables]
+            _save_arrays(self.dir / f"best-{epoch}.npz", kept, [], phase)
         _write_atomically(self.index, progress.to_json().encode())
         keep = {f"epoch-{epoch}.npz", f"best-{progress.best_epoch}.npz"}
         for leftover in self.dir.glob("*.npz"):
