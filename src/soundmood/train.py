@@ -18,7 +18,6 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,18 +175,14 @@ def uses_ema(model: keras.Model) -> bool:
     return bool(getattr(model.optimizer, "use_ema", False))
 
 
-@contextlib.contextmanager
-def ema_weights(model: keras.Model) -> Iterator[None]:
-    """The optimizer's moving averages in the model's trainable variables for the block, as
-    keras.callbacks.SwapEMAWeights puts them there for validation; a no-op without EMA."""
-    if not uses_ema(model):
-        yield
-        return
+def averaged_variables(model: keras.Model) -> list[np.ndarray]:
+    """model.variables with the optimizer's moving averages in place of the trainable ones,
+    swapped in and back as keras.callbacks.SwapEMAWeights does around validation."""
     swap = keras.callbacks.SwapEMAWeights()
     swap.set_model(model)
     swap.on_test_begin()
     try:
-        yield
+        return [v.numpy() for v in model.variables]
     finally:
         swap.on_test_end()
 
@@ -566,8 +561,7 @@ class TrainingCheckpoint:
             phase,
         )
         if progress.improved:  # the weights validation scored: the moving average, with EMA
-            with ema_weights(model):
-                kept = [v.numpy() for v in model.variables]
+            kept = averaged_variables(model) if uses_ema(model) else state
             _save_arrays(self.dir / f"best-{epoch}.npz", kept, [], phase)
         _write_atomically(self.index, progress.to_json().encode())
         keep = {f"epoch-{epoch}.npz", f"best-{progress.best_epoch}.npz"}
