@@ -194,6 +194,20 @@ def test_epoch_cap_draws_a_fresh_seeded_subset_of_the_larger_classes() -> None:
     assert set(np.concatenate(draws).tolist()) == set(range(len(y)))  # every face in play
 
 
+def test_class_weights_average_one_and_sqrt_halves_the_balanced_spread() -> None:
+    from soundmood.train import class_weights
+
+    y = np.repeat([0, 1, 2], [100, 400, 25])
+    balanced, sqrt = class_weights(y, 3, "balanced"), class_weights(y, 3, "sqrt")
+    assert class_weights(y, 3, "none") is None
+    assert balanced == pytest.approx({0: 525 / 300, 1: 525 / 1200, 2: 525 / 75})
+    for weights in (balanced, sqrt):
+        assert np.mean([weights[k] for k in y]) == pytest.approx(1.0)  # the loss keeps its scale
+    assert balanced[2] / balanced[1] == pytest.approx(16.0)  # count ratio 16
+    assert sqrt[2] / sqrt[1] == pytest.approx(4.0)  # its square root
+    assert class_weights(np.array([0, 0, 1]), 3, "sqrt")[2] > 0  # an absent class stays finite
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

@@ -250,7 +250,7 @@ def _check_train(c: _Checker) -> None:
     c.choice("train.schedule", ("cosine", "constant"))
     c.integer("train.warmup_epochs", 0, 10_000)
     c.number("train.label_smoothing", 0.0, 1.0, high_open=True)
-    c.choice("train.class_weight", ("balanced", "none"))
+    c.choice("train.class_weight", ("balanced", "sqrt", "none"))
     c.integer("train.epoch_cap_per_class", 1, nullable=True)
     c.number("train.ema_fraction", 0.0, 1000.0)
     c.integer("train.early_stopping_patience", 0, 10_000)

@@ -1,10 +1,11 @@
 """Post-hoc logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021).
 
-`train.class_weight: balanced` trains the head as if the five classes were equally common, which
-lifts angry's recall but makes the model under-predict the common classes (happy is 42 % of the
-faces). Adding tau * log(prior) to the head's logits, with the train split's class prior, moves
-its decisions part of the way back toward the real class mix: tau = 0 leaves the model as trained,
-tau = 1 undoes the balancing entirely. tau is picked on the validation split, predicted exactly as
+`train.class_weight` trains the head as if the five classes were more equally common than they
+are (`balanced`: equally; `sqrt`: half way in log space), which lifts angry's recall but makes the
+model under-predict the common classes (happy is 42 % of the faces). Adding tau * log(prior) to
+the head's logits, with the train split's class prior, moves its decisions back toward the real
+class mix: tau = 0 leaves the model as trained, tau = 1 undoes `balanced` entirely (`sqrt` at
+0.5). tau is picked on the validation split, predicted exactly as
 evaluate predicts (flip TTA included), and folded into the softmax head's bias, so the saved and
 served models carry the adjustment with no extra layer or code.
 """

@@ -124,11 +124,16 @@ def epoch_indices(y: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
 
 
 def class_weights(y: np.ndarray, n_classes: int, mode: str) -> dict[int, float] | None:
-    """'balanced' weighs each class by n / (k * count): angry (the rarest) counts ~4x happy."""
+    """Per-class loss weights, averaging 1 over the images. 'balanced' weighs each class by
+    n / (k * count): in the train split angry (the rarest) counts ~6.8x happy. 'sqrt' weighs by
+    1 / sqrt(count), half that correction in log space (~2.6x): enough to keep the rare classes'
+    recall, while the commonest ones are discounted less."""
     if mode == "none":
         return None
-    counts = np.bincount(y, minlength=n_classes).astype(float)
-    return {k: float(len(y) / (n_classes * max(c, 1.0))) for k, c in enumerate(counts)}
+    counts = np.maximum(np.bincount(y, minlength=n_classes).astype(float), 1.0)
+    raw = 1.0 / np.sqrt(counts) if mode == "sqrt" else 1.0 / counts
+    weights = raw * len(y) / float(np.sum(raw * counts))  # sum over images = n: mean weight 1
+    return {k: float(w) for k, w in enumerate(weights)}
 
 
 def ema_momentum(ema_fraction: float | None, finetune_steps: int) -> float | None:
