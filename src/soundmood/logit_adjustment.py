@@ -5,9 +5,9 @@ are (`balanced`: equally; `sqrt`: half way in log space), which lifts angry's re
 model under-predict the common classes (happy is 42 % of the faces). Adding tau * log(prior) to
 the head's logits, with the train split's class prior, moves its decisions back toward the real
 class mix: tau = 0 leaves the model as trained, tau = 1 undoes `balanced` entirely (`sqrt` at
-0.5). tau is picked on the validation split, predicted exactly as
-evaluate predicts (flip TTA included), and folded into the softmax head's bias, so the saved and
-served models carry the adjustment with no extra layer or code.
+0.5). tau is picked on the validation split, predicted exactly as evaluate predicts (flip TTA
+included), and folded into the softmax head's bias, so the saved and served models carry the
+adjustment with no extra layer or code.
 """
 
 from __future__ import annotations
