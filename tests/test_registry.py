@@ -13,7 +13,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from soundmood import registry
-from soundmood.cli import UserError
+from soundmood.errors import UserError
 from soundmood.registry import CHALLENGER, CHAMPION, Facts, Tag, gate
 from tests.conftest import compose_config
 from tests.test_serving import build_tiny_model, log_in_run, tiny_config

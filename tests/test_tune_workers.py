@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from soundmood import train, tune
-from soundmood.cli import UserError
+from soundmood.errors import UserError
 from tests.conftest import ROOT, compose_config, smoke_config
 from tests.test_tune import FAST, _cli_env, cli_setup, load_study, trials_of, wait_for
 

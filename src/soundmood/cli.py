@@ -118,7 +118,7 @@ COMMANDS: dict[str, Command] = {
         "table of registered versions: aliases, metrics, data, commit",
     ),
     "predict": Command(
-        "soundmood.inference:predict_cli",
+        "soundmood.inference.command:predict_cli",
         "detect faces in photos, classify each, and give one mood per photo",
         arguments=_predict_args,
     ),
@@ -204,16 +204,13 @@ def _record_timing(cfg: object, stage: str, seconds: float) -> None:
     )
 
 
-class UserError(Exception):
-    """Bad input from the user; modules raise subclasses so the CLI exits 2 with the message."""
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     from soundmood.config import ConfigError, load
     from soundmood.data.images import ImageError
     from soundmood.data.validate import DataValidationError
+    from soundmood.errors import UserError
 
     try:
         if args.command == "params":

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
-from soundmood.cli import UserError
+from soundmood.errors import UserError
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

@@ -50,6 +50,7 @@ from soundmood import tracking, train
 from soundmood.config import ConfigError, flatten, validate
 from soundmood.data.layout import data_version
 from soundmood.data.prepare import load_split
+from soundmood.errors import UserError
 from soundmood.processes import is_alive
 
 OBJECTIVES = ("val_macro_f1", "val_accuracy")
@@ -819,8 +820,6 @@ def cli(cfg: DictConfig, args: Any) -> int:
     """`soundmood tune [--workers N] [key=value ...]`; exit 130 when interrupted."""
     workers = getattr(args, "workers", 1)
     if not isinstance(workers, int) or workers < 1:
-        from soundmood.cli import UserError
-
         raise UserError(f"--workers: {workers!r} is not a number of processes >= 1")
     report = run(cfg, workers=workers)
     return 130 if report.get("interrupted") else 0

@@ -34,9 +34,9 @@ from pathlib import Path, PurePosixPath
 
 from omegaconf import DictConfig
 
-from soundmood.cli import UserError
 from soundmood.data.images import IMAGE_SUFFIXES, ImageError, open_bounded
 from soundmood.data.layout import RAFDB_LABEL_NAMES, SPLITS
+from soundmood.errors import UserError
 from soundmood.processes import is_alive
 
 OFFICIAL_LABEL_FILE = "list_patition_label.txt"  # sic: the official release's spelling

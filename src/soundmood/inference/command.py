@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from soundmood.cli import UserError
 from soundmood.data.images import IMAGE_SUFFIXES, ImageError, open_image, to_rgb
+from soundmood.errors import UserError
 from soundmood.inference import annotate
 from soundmood.inference.predict import PhotoResult, load_model, output_count, predict_photo
 from soundmood.inference.settings import Settings, from_config

@@ -11,8 +11,8 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from soundmood.cli import UserError
 from soundmood.data.images import to_rgb
+from soundmood.errors import UserError
 from soundmood.inference.detect import Box, Face, detect_faces
 from soundmood.inference.settings import Settings, from_config
 from soundmood.serving import OnnxForward, tta_probabilities

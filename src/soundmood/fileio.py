@@ -1,0 +1,137 @@
+"""Writing outputs so that nothing a user has is ever half-replaced, and reading untrusted files
+so that no read is unbounded. Every stage output and every data read goes through here.
+
+Atomic writes: the new content goes to a temporary file beside the target, is flushed to disk and
+renamed over the target, so a killed process leaves the old file or the new one, never a mix.
+The rename also replaces a link into DVC's cache instead of writing through it. (The standard
+library has no atomic write; numpy, Keras and Pillow write to whatever path they are given, so
+`atomic_path` hands them the temporary one.)
+
+Bounded reads: a file is opened without following a final symlink and without blocking on a
+pipe, checked to be a regular file with fstat on the open descriptor (no race between check and
+read), and read up to a limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from soundmood.errors import UnsafeFileError
+from soundmood.processes import is_alive
+
+PARTIAL_PREFIX = ".partial-"
+
+
+def partial_name(target: Path) -> Path:
+    """The temporary name a write to `target` uses: hidden, beside it, unique to this process."""
+    return target.with_name(f"{PARTIAL_PREFIX}{os.getpid()}-{target.name}")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a finished file (or every file of a finished folder) to disk before the rename."""
+    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for item in paths:
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; when the block ends without an exception, the file
+    written there replaces `target` in one rename. On any exception (or a kill) `target` is left
+    as it was and the temporary file is removed (or, after a kill, left hidden and ignored)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_name(target)
+    try:
+        yield partial
+        _fsync(partial)
+        os.replace(partial, target)
+    finally:
+        _remove(partial)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_bytes(target: str | Path, data: bytes) -> Path:
+    """Replace `target` with `data` atomically."""
+    with atomic_path(target) as partial:
+        partial.write_bytes(data)
+    return Path(target)
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    """Replace `target` with `text` (UTF-8) atomically."""
+    return write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target: str | Path, value: Any, **dumps: Any) -> Path:
+    """Replace `target` with `value` as indented JSON and a final newline, atomically."""
+    return write_text(target, json.dumps(value, indent=2, **dumps) + "\n")
+
+
+def remove_stale_partials(folder: str | Path) -> None:
+    """Remove the temporary files killed writers left in `folder` (never a live writer's)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in folder.glob(f"{PARTIAL_PREFIX}*"):
+        pid = path.name.removeprefix(PARTIAL_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not is_alive(int(pid)):
+            _remove(path)
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for an error message."""
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_bounded(path: str | Path, limit: int, what: str = "data.limits.max_file_bytes") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. A final symlink is not followed, a
+    pipe or device is refused without blocking, and a larger file is refused after reading at
+    most `limit` + 1 bytes; each is an UnsafeFileError naming the path. A missing file raises
+    FileNotFoundError as usual."""
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise UnsafeFileError(f"{path}: is a symbolic link; links are never followed") from exc
+        if exc.errno == errno.ENXIO:  # a socket, or a pipe with no writer under O_NONBLOCK
+            raise UnsafeFileError(f"{path}: is {file_kind(os.lstat(path).st_mode)}") from exc
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeFileError(f"{path}: is {file_kind(mode)}, not a regular file; refused")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise UnsafeFileError(f"{path}: over {what} ({limit} bytes); refused unread")
+    return data
