@@ -54,9 +54,9 @@ def smoke_repo(base: Path, **env: str) -> tuple[Path, dict[str, str]]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}", **env}
     for args in (
         ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
         ["soundmood", "params", "profile=smoke"],
+        ["git", "add", "-A"],  # committed with the smoke params: a clean clone, as a user's
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
         ["dvc", "pull", "-q", "data.dvc"],
     ):
         _sh(args, repo, env)
@@ -131,6 +131,22 @@ def test_second_repro_does_nothing(pipeline: dict) -> None:
         f"first repro {pipeline['first_seconds']:.0f}s, no-op repro "
         f"{pipeline['second_seconds']:.1f}s"
     )
+
+
+def test_clean_clone_registers_a_clean_commit(pipeline: dict) -> None:
+    """`dvc repro` rewrites dvc.lock before train and evaluate run; that is not a change to code
+    or config, so the run and the registered version must both say the commit is clean."""
+    repo, env = pipeline["repo"], pipeline["env"]
+    assert "dvc.lock" in _sh(["git", "status", "--porcelain"], repo, env).stdout
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    run_id = json.loads((repo / "reports" / "train_run.json").read_text())["mlflow_run_id"]
+    head = _sh(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    assert client.get_run(run_id).data.tags["git_dirty"] == "false"
+    registered = json.loads((repo / "reports" / "registry.json").read_text())
+    version = client.get_model_version(registered["name"], str(registered["version"]))
+    assert version.tags["git_dirty"] == "false" and version.tags["git_commit"] == head
+    assert "uncommitted" not in (version.description or "")
 
 
 def test_no_test_image_in_train_or_val(pipeline: dict) -> None:

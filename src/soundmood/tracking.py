@@ -47,18 +47,25 @@ def sqlite_artifact_root(uri: str) -> str | None:
     return (Path(uri[len(prefix) :]).resolve().parent / "mlruns").as_uri()
 
 
-def git_state() -> dict[str, str]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *args], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
+# Files DVC rewrites itself while `dvc repro` runs (the lock before train and evaluate, the
+# .gitignore entries of new outputs): a change to them is not a change to code or config.
+WRITTEN_BY_DVC = (":(exclude,top)dvc.lock", ":(exclude,glob)**/.gitignore")
 
-    commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def git_state() -> dict[str, str]:
+    """The commit, and whether tracked code or config differs from it (`git_dirty`)."""
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ":/", *WRITTEN_BY_DVC)
+    return {"git_commit": commit, "git_dirty": str(bool(changed)).lower()}
 
 
 def run_tags(cfg: DictConfig, stage: str) -> dict[str, str]:
