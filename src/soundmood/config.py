@@ -13,7 +13,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from soundmood import fileio
 
 PARAMS_FILE = "params.yaml"
 CONFIG_DIR = "conf"
@@ -34,19 +40,99 @@ def project_root() -> Path:
 
 
 def compose_to_file(output: Path, overrides: Sequence[str] = (), root: Path | None = None) -> None:
-    """Compose conf/ with `overrides` and write it as DVC's Hydra integration does."""
-    from dvc.utils.hydra import compose_and_dump
+    """Compose conf/ with `overrides` and write it as DVC's Hydra integration does. A group
+    option, key or override Hydra cannot use is a ConfigError naming it (one line, no
+    traceback)."""
+    from dvc.utils.hydra import compose_and_dump  # dvc is slow to import; only params needs it
 
     root = root or project_root()
-    compose_and_dump(output, str(root / CONFIG_DIR), None, CONFIG_NAME, str(root), list(overrides))
+    try:
+        compose_and_dump(
+            output, str(root / CONFIG_DIR), None, CONFIG_NAME, str(root), list(overrides)
+        )
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_composition_error(exc, list(overrides))) from exc
+
+
+def _composition_error(exc: Exception, overrides: list[str]) -> str:
+    """Hydra's reason for refusing `overrides`, in one line that names the group, key or
+    override and what would have been accepted."""
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, option = exc.missing_cfg_file.rpartition("/")
+        if group and exc.options:
+            return (
+                f"{group}={option}: config group {group!r} has no option {option!r}; "
+                f"available: {', '.join(exc.options)}"
+            )
+        return f"{exc.missing_cfg_file}: no such config in {CONFIG_DIR}/"
+    cause = exc.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        key = str(cause.full_key)
+        given = next((o for o in overrides if o.split("=", 1)[0] == key), key)
+        return (
+            f"unknown config key {key!r} in override {given!r} (keys are listed in "
+            f"docs/config.md; +{key}=... would add a new one)"
+        )
+    if isinstance(exc, OverrideParseException):
+        parser = OverridesParser.create()
+        for item in overrides:
+            try:
+                parser.parse_override(item)
+            except HydraException as one:
+                return f"override {item!r} is not valid override syntax: {_lines(one)}"
+    return f"cannot compose {CONFIG_DIR}/ with {' '.join(overrides) or 'no overrides'}: " + _lines(
+        exc
+    )
+
+
+def _lines(exc: Exception) -> str:
+    """An exception's message as one line, without Hydra's link to its grammar page."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    return "; ".join(
+        line for line in lines if line and not line.startswith(("See https", "Error parsing"))
+    )
 
 
 def write_params(overrides: Sequence[str] = (), root: Path | None = None) -> Path:
-    """Regenerate params.yaml from conf/ (plus overrides)."""
+    """Regenerate params.yaml from conf/ (plus overrides). The composition is written to a
+    temporary file and validated as every stage validates it; only a valid one replaces
+    params.yaml (atomically), so a refused call leaves params.yaml as it was."""
     root = root or project_root()
     target = root / PARAMS_FILE
-    compose_to_file(target, overrides, root)
+    with fileio.atomic_path(target) as partial:
+        compose_to_file(partial, overrides, root)
+        try:
+            validate(read_params(partial))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; {target} left unchanged") from exc
     return target
+
+
+def read_params(path: Path) -> DictConfig:
+    """params.yaml as a config; broken YAML is a ConfigError naming the file and line."""
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start and mark and start.line != mark.line:
+            problem += f", {context} from line {start.line + 1}"
+        raise ConfigError(
+            f"{path}: broken YAML{where} ({problem}); regenerate it from conf/ with "
+            "`soundmood params`"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text; regenerate it from conf/ with `soundmood params`"
+        ) from exc
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(
+            f"{path}: is not a mapping of config keys; regenerate it from conf/ "
+            "with `soundmood params`"
+        )
+    return cfg
 
 
 def params_diff(root: Path | None = None) -> str:
@@ -57,7 +143,10 @@ def params_diff(root: Path | None = None) -> str:
         compose_to_file(fresh, (), root)
         expected = fresh.read_text().splitlines(keepends=True)
     current_path = root / PARAMS_FILE
-    current = current_path.read_text().splitlines(keepends=True) if current_path.exists() else []
+    current = []
+    if current_path.exists():
+        read_params(current_path)  # a broken file is named with its line, not diffed
+        current = current_path.read_text().splitlines(keepends=True)
     return "".join(difflib.unified_diff(current, expected, "params.yaml", "conf/ (composed)"))
 
 
@@ -67,7 +156,7 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
     path = root / PARAMS_FILE
     if not path.exists():
         raise ConfigError(f"{path} is missing: run `soundmood params` to compose it from conf/")
-    cfg = OmegaConf.load(path)
+    cfg = read_params(path)
     # MLproject passes all overrides as one space-separated argument
     overrides = [part for item in overrides for part in item.split()]
     for item in overrides:
@@ -83,7 +172,13 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
             )
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(f"unknown config key {key!r} in override {item!r}")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"overrides {' '.join(overrides)}: a value is not valid YAML "
+            f"({getattr(exc, 'problem', None) or exc})"
+        ) from exc
     validate(cfg)
     return cfg
 
