@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from soundmood import fileio
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,13 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
         help="model URI (a registered model runs its ONNX graph, as served) or local .keras "
         "path (default: %(default)s)",
     )
-    p.add_argument("--annotate", metavar="OUT_DIR", help="write annotated copies here")
+    p.add_argument(
+        "--annotate",
+        metavar="OUT_DIR",
+        help="write boxed and labelled copies here, named like the photos; never replaces a "
+        "file: refused (exit 2, before any work) if OUT_DIR is an input folder or inside one, "
+        "or if a copy's name already exists there",
+    )
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
 
@@ -196,11 +203,9 @@ def _run_params(args: argparse.Namespace) -> int:
 
 def _record_timing(cfg: object, stage: str, seconds: float) -> None:
     """Wall time of the last run of each stage, for benchmarks/ (not a DVC output)."""
-    folder = Path(cfg.evaluate.reports_dir) / "timings"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stage}.json").write_text(
-        json.dumps({"stage": stage, "seconds": round(seconds, 1), "finished_at": time.time()})
-        + "\n"
+    fileio.write_json(
+        Path(cfg.evaluate.reports_dir) / "timings" / f"{stage}.json",
+        {"stage": stage, "seconds": round(seconds, 1), "finished_at": time.time()},
     )
 
 
