@@ -8,8 +8,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import sqlite3
+import stat
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,8 @@ from PIL import Image
 from soundmood import cli
 from soundmood.data import prepare
 from soundmood.data.images import load_face
+from soundmood.data.layout import list_split
+from soundmood.errors import UnsafeFileError
 
 from .conftest import ROOT, smoke_config
 
@@ -46,12 +52,19 @@ def work(tmp_path: Path, data_root: Path) -> Path:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        if p.is_file()
-        else "dir"
-        for p in sorted(folder.rglob("*"))
-    }
+    """Every entry under folder: a file's sha256, a link's target (never followed), a pipe or
+    device by its kind, so that the digest itself never blocks on a pipe or reads /dev/zero."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        mode = p.lstat().st_mode
+        rel = p.relative_to(folder).as_posix()
+        if stat.S_ISLNK(mode):
+            out[rel] = f"link:{os.readlink(p)}"
+        elif stat.S_ISREG(mode):
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir" if stat.S_ISDIR(mode) else f"special:{stat.S_IFMT(mode)}"
+    return out
 
 
 def validate(
@@ -70,13 +83,16 @@ def validate(
     return code, captured.out + captured.err
 
 
-def refused(work: Path, monkeypatch, capsys, *overrides: str) -> str:
-    """Run validate expecting exit 2; assert nothing stored changed; return what it printed."""
+def refused(work: Path, monkeypatch, capsys, *overrides: str, problems: int = 1) -> str:
+    """Run validate expecting exit 2 within 2 s; assert nothing stored changed; return what it
+    printed."""
     before = digest(work)
+    start = time.monotonic()
     code, printed = validate(work, monkeypatch, capsys, *overrides)
+    assert time.monotonic() - start < 2, "validate took over 2 s on 30 images"
     assert code == 2, printed
     assert digest(work) == before
-    assert f"error: {work / 'data'}: data validation failed, 1 problem(s):\n" in printed
+    assert f"error: {work / 'data'}: data validation failed, {problems} problem(s):\n" in printed
     return printed
 
 
@@ -276,3 +292,109 @@ def test_convert_lists_the_wrong_formats_and_prepare_converts_them(
         rows[deep.relative_to(work / "data").as_posix()][..., 0],
         rows[deep.relative_to(work / "data").as_posix()][..., 2],
     )  # grey
+
+
+# --- only regular files are read: links, pipes and devices are named, never followed or opened ---
+
+RELINK = "dvc config cache.type copy && dvc checkout --relink"
+
+
+def test_link_to_dev_zero_is_refused_unread(work: Path, monkeypatch, capsys) -> None:
+    link = work / "data" / "train" / "happy" / "zero.jpg"
+    link.symlink_to("/dev/zero")  # followed, it would be read until memory ran out
+    printed = refused(work, monkeypatch, capsys)
+    assert f"  {link}: is a symbolic link to /dev/zero; links are never followed\n" in printed
+    assert (
+        "hint: 1 file(s) are symbolic links; validate reads regular files only. If DVC made "
+        f"them (cache.type symlink), turn them into copies: {RELINK}" in printed
+    )
+
+
+def test_named_pipe_named_jpg_is_refused_without_blocking(work: Path, monkeypatch, capsys) -> None:
+    pipe = work / "data" / "train" / "happy" / "x.jpg"
+    os.mkfifo(pipe)  # opened, it would block forever waiting for a writer
+    start = time.monotonic()
+    result = subprocess.run(  # a subprocess: a hang is a TimeoutExpired, not a stuck test run
+        [
+            "soundmood",
+            "validate",
+            f"data.root={work / 'data'}",
+            f"evaluate.reports_dir={work / 'reports'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - start < 20  # process start-up included; the refusal is instant
+    assert f"  {pipe}: is a named pipe, not a regular file; refused unread\n" in result.stderr
+    # in-process too, where the 2 s bound holds without interpreter start-up
+    printed = refused(work, monkeypatch, capsys)
+    assert f"  {pipe}: is a named pipe, not a regular file; refused unread\n" in printed
+
+
+def test_device_file_is_refused_unopened(work: Path, monkeypatch, capsys) -> None:
+    device = work / "data" / "test" / "sad" / "dev.jpg"
+    try:
+        os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # a second /dev/zero
+    except PermissionError:
+        pytest.skip("creating a device node needs root (CAP_MKNOD)")
+    printed = refused(work, monkeypatch, capsys)
+    assert f"  {device}: is a character device, not a regular file; refused unread\n" in printed
+
+
+def test_symlinked_class_folder_is_named_and_not_walked(
+    work: Path, monkeypatch, capsys, tmp_path_factory
+) -> None:
+    folder = work / "data" / "train" / "sad"
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "sad"
+    shutil.move(folder, elsewhere)  # real images, so followed it would have passed silently
+    folder.symlink_to(elsewhere, target_is_directory=True)
+    printed = refused(work, monkeypatch, capsys)
+    assert (
+        f"  {folder}: class folder is a symbolic link to {elsewhere}; links are never followed, "
+        "so it was not walked\n" in printed
+    )
+    assert f"{folder}: class folder is missing" not in printed
+
+
+def test_symlinked_split_folder_is_named_and_not_walked(
+    work: Path, monkeypatch, capsys, tmp_path_factory
+) -> None:
+    split = work / "data" / "test"
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "test"
+    shutil.move(split, elsewhere)
+    split.symlink_to(elsewhere, target_is_directory=True)
+    printed = refused(work, monkeypatch, capsys)
+    assert (
+        f"  {split}: split folder is a symbolic link to {elsewhere}; links are never followed, "
+        "so it was not walked\n" in printed
+    )
+
+
+def test_dangling_link_is_listed_with_the_other_problems(work: Path, monkeypatch, capsys) -> None:
+    dangling = work / "data" / "train" / "happy" / "gone.jpg"
+    dangling.symlink_to(work / "nowhere.jpg")
+    text = work / "data" / "test" / "angry" / "notes.jpg"
+    text.write_text("not a photo\n")
+    printed = refused(work, monkeypatch, capsys, problems=2)
+    assert (
+        f"  {dangling}: is a dangling symbolic link to {work / 'nowhere.jpg'} (the target does "
+        "not exist)\n" in printed
+    )
+    assert f"  {text}: not a decodable image (no known image format)\n" in printed
+
+
+def test_prepare_listing_names_a_link_instead_of_skipping_it(work: Path) -> None:
+    """prepare's list_split takes regular files as before and refuses, naming it, a link it used
+    to follow (validate, which runs first, lists every such entry)."""
+    root = work / "data"
+    assert [s.path.name for s in list_split(root, "test", list(CLASSES))] == [
+        p.name for c in CLASSES for p in sorted((root / "test" / c).iterdir())
+    ]
+    link = root / "test" / "happy" / "linked.jpg"
+    link.symlink_to(a_real(work))
+    with pytest.raises(UnsafeFileError) as caught:
+        list_split(root, "test", list(CLASSES))
+    assert f"  {link}: is a symbolic link, not a regular file" in str(caught.value)

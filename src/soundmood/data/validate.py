@@ -3,19 +3,26 @@
 Errors fail the stage (exit 2) with one line per offending file or folder, all of them at once:
 a missing split or class folder, an unknown class folder, an empty class, a stray file or folder,
 a file that is not an image or does not decode (truncated, corrupt, declaring more pixels than
-data.limits.max_image_pixels, larger than data.limits.max_file_bytes), an image that is not
+data.limits.max_image_pixels, larger than data.limits.max_file_bytes), a symbolic link (dangling
+or not), a pipe, device or socket where an image should be, an image that is not
 source_size x source_size RGB (unless data.on_bad_format is `convert`), and the same bytes in train
 and test (leakage). docs/data.md lists every check and its message.
 Reported in reports/data_validation.json without failing: byte-identical files inside one split,
 train/test pairs whose 256-bit difference hashes differ in at most data.near_duplicate_bits bits,
 and (with `convert`) the images prepare will convert. A failed validation writes no report, so the
 previous one stays as it was.
+
+Only regular files are read, each through fileio.read_bounded (no link followed, no pipe or device
+opened, at most data.limits.max_file_bytes): a link to /dev/zero or a pipe named x.jpg is one
+listed problem, not a read that never ends. A symlinked split or class folder is named and not
+walked. The data root itself may be a link (data kept on another disk).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import os
+import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +34,13 @@ from tqdm import tqdm
 
 from soundmood.data.images import IMAGE_SUFFIXES, ImageError, open_bounded, to_rgb
 from soundmood.data.layout import SPLITS
+from soundmood.errors import UnsafeFileError
+from soundmood.fileio import file_kind, read_bounded, write_json
 
 HASH_SIDE = 16  # difference hash over a 17x16 thumbnail: 256 bits
 NEAR_DUPLICATE_CHUNK = 256  # test hashes compared with all train hashes at once (~25 MB)
+# DVC with `cache.type symlink` checks data out as links into .dvc/cache, which validate refuses.
+RELINK_HINT = "dvc config cache.type copy && dvc checkout --relink"
 
 
 class DataValidationError(RuntimeError):
@@ -68,6 +79,7 @@ class Findings:
 
     problems: list[str] = field(default_factory=list)
     format_problems: int = 0
+    links: int = 0  # symlinked files (DVC's cache.type symlink makes every file one)
     converted: list[dict[str, str]] = field(default_factory=list)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     by_md5: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -85,20 +97,35 @@ def dhash(img: Image.Image) -> np.ndarray:
     return np.packbits(grey[:, 1:] > grey[:, :-1]).view(">u8").astype(np.uint64)
 
 
+def _link_problem(path: Path, what: str = "") -> str:
+    """A symlink inside the tree, named with its target; never followed."""
+    target = os.readlink(path)
+    if not path.exists():  # exists() follows the link: False when its target is gone
+        return f"{path}: is a dangling symbolic link to {target} (the target does not exist)"
+    subject = f"{what} is" if what else "is"
+    return f"{path}: {subject} a symbolic link to {target}; links are never followed"
+
+
 def _folder_problems(root: Path, classes: tuple[str, ...]) -> list[str]:
     problems = []
     for split in SPLITS:
         split_dir = root / split
+        if split_dir.is_symlink():
+            problems.append(_link_problem(split_dir, "split folder") + ", so it was not walked")
+            continue
         if not split_dir.is_dir():
             problems.append(f"{split_dir}: split folder is missing")
             continue
         entries = sorted(split_dir.iterdir())
-        present = {p.name for p in entries if p.is_dir()}
+        present = {p.name for p in entries if p.is_dir() or p.is_symlink()}
         problems += [
             f"{split_dir / c}: class folder is missing" for c in classes if c not in present
         ]
         for entry in entries:
-            if entry.is_dir() and entry.name not in classes:
+            if entry.is_symlink():
+                what = "class folder" if entry.name in classes else ""
+                problems.append(_link_problem(entry, what) + ", so it was not walked")
+            elif entry.is_dir() and entry.name not in classes:
                 n = sum(1 for p in entry.rglob("*") if p.is_file())
                 problems.append(
                     f"{entry}: unknown class folder holding {n} file(s) "
@@ -109,21 +136,34 @@ def _folder_problems(root: Path, classes: tuple[str, ...]) -> list[str]:
     return problems
 
 
-def _check_image(path: Path, split: str, root: Path, rules: Rules, found: Findings) -> None:
+def _check_image(
+    path: Path, mode: int, split: str, root: Path, rules: Rules, found: Findings
+) -> None:
+    """`mode` is the entry's lstat mode: anything but a regular file is named, never opened."""
+    if stat.S_ISLNK(mode):
+        found.links += 1
+        found.problems.append(_link_problem(path))
+        return
+    if not stat.S_ISREG(mode):
+        found.problems.append(f"{path}: is {file_kind(mode)}, not a regular file; refused unread")
+        return
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         found.problems.append(f"{path}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
         return
-    size = path.stat().st_size
+    size = path.lstat().st_size
     if size > rules.max_file_bytes:  # never read a huge file whole
         found.problems.append(
             f"{path}: {size} bytes, over data.limits.max_file_bytes ({rules.max_file_bytes})"
         )
         return
-    data = path.read_bytes()
-    try:
+    try:  # read_bounded again refuses a file swapped for a link, pipe or larger file since lstat
+        data = read_bounded(path, rules.max_file_bytes)
         img = open_bounded(data, rules.max_image_pixels, str(path))
-    except ImageError as exc:
+    except (ImageError, UnsafeFileError) as exc:
         found.problems.append(str(exc))
+        return
+    except FileNotFoundError:
+        found.problems.append(f"{path}: disappeared while validate was reading the tree")
         return
     rel = path.relative_to(root).as_posix()
     found.by_md5[hashlib.md5(data).hexdigest()].append(rel)
@@ -163,17 +203,21 @@ def _walk(root: Path, rules: Rules, found: Findings) -> None:
         found.counts[split] = {}
         for name in rules.classes:
             folder = root / split / name
-            if not folder.is_dir():
+            # a symlinked split or class folder was named by _folder_problems; never walked
+            if (root / split).is_symlink() or folder.is_symlink() or not folder.is_dir():
                 continue
-            entries = sorted(folder.iterdir())
-            files = [p for p in entries if not p.is_dir()]
+            # lstat: the entry itself, never what a link points to
+            modes = {p: p.lstat().st_mode for p in sorted(folder.iterdir())}
+            files = [p for p, mode in modes.items() if not stat.S_ISDIR(mode)]
             found.problems += [
-                f"{p}: unexpected folder inside a class folder" for p in entries if p.is_dir()
+                f"{p}: unexpected folder inside a class folder"
+                for p, mode in modes.items()
+                if stat.S_ISDIR(mode)
             ]
             for path in tqdm(
                 files, desc=f"validate {split}/{name}", unit="img", mininterval=2, leave=False
             ):
-                _check_image(path, split, root, rules, found)
+                _check_image(path, modes[path], split, root, rules, found)
             found.counts[split][name] = len(files)
             if not files:
                 found.problems.append(f"{folder}: class folder is empty")
@@ -264,17 +308,18 @@ def _failure_message(root: Path, found: Findings, rules: Rules) -> str:
             f"hint: fix the {found.format_problems} image(s) of the wrong size or colour "
             "mode, or set data.on_bad_format=convert to have prepare convert them"
         )
+    if found.links:
+        lines.append(
+            f"hint: {found.links} file(s) are symbolic links; validate reads regular files only. "
+            f"If DVC made them (cache.type symlink), turn them into copies: {RELINK_HINT}"
+        )
     return "\n".join(lines)
 
 
 def run(cfg: DictConfig) -> dict:
     """The `validate` stage: write reports/data_validation.json or fail naming the files."""
     report = validate_tree(Path(cfg.data.root), Rules.from_config(cfg))
-    out = Path(cfg.evaluate.reports_dir) / "data_validation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(out)
+    out = write_json(Path(cfg.evaluate.reports_dir) / "data_validation.json", report)
     totals = ", ".join(f"{k} {v}" for k, v in report["totals"].items())
     summary = report["summary"]
     print(
