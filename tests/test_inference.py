@@ -379,3 +379,141 @@ def test_model_loads_from_mlflow_uris(models_dir: Path, mlflow_uri: str) -> None
         assert np.allclose(classify(model, x, tta_flip=False), expected, atol=1e-6), uri
     with pytest.raises(ModelLoadError, match="soundmood-test@nope"):
         load_model("models:/soundmood-test@nope")
+
+
+# --- what a user has is never lost; every refusal is one line (docs/inference.md) ------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def test_annotate_never_replaces_a_photo_or_mixes_copies_with_them(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    folder = photo_folder(tmp_path / "photos", corrupt=False)
+    before = snapshot(tmp_path)
+    # refused before the model loads: this model does not exist, and the error is not about it
+    missing_model = str(tmp_path / "not-loaded.keras")
+    refusals = {
+        folder: f"is the input folder {folder}: its copies would sit among its photos and",
+        folder / "out": f"lies inside the input folder {folder}: its copies would",
+    }
+    for out_dir, reason in refusals.items():
+        code, lines, err = run_predict(
+            [str(folder), "--model", missing_model, "--annotate", str(out_dir)], monkeypatch, capsys
+        )
+        assert code == 2 and lines == []
+        assert error_lines(err) == [
+            f"error: --annotate {out_dir}: {reason} be read as photos on the next run; name a "
+            "folder outside it"
+        ]
+        assert snapshot(tmp_path) == before
+    # a photo named on its own, annotated into its own folder: the copy's name is the photo's
+    photo = folder / "astronaut.png"
+    code, _, err = run_predict(
+        [str(photo), "--model", missing_model, "--annotate", str(folder)], monkeypatch, capsys
+    )
+    assert code == 2 and error_lines(err) == [
+        f"error: --annotate {folder}: {photo} already exists; annotated copies never replace "
+        "a file: remove them or name another folder"
+    ]
+    assert snapshot(tmp_path) == before
+
+    # a hidden folder inside is not read as input, so it is allowed; a second run into the same
+    # folder is refused, naming the first clash, and changes nothing
+    model = str(models_dir / "coarse.keras")
+    hidden = folder / ".annotated"
+    code, lines, _ = run_predict(
+        [str(folder), "--json", "--model", model, "--annotate", str(hidden)], monkeypatch, capsys
+    )
+    assert code == 0 and [line["annotated"] for line in lines] == [
+        str(hidden / "astronaut.png"),
+        str(hidden / "coffee.jpg"),
+    ]
+    assert sorted(p.name for p in hidden.iterdir()) == ["astronaut.png", "coffee.jpg"]
+    after_first = snapshot(tmp_path)
+    assert {k: v for k, v in after_first.items() if not k.startswith("photos/.")} == before
+    code, lines, err = run_predict(
+        [str(folder), "--model", model, "--annotate", str(hidden)], monkeypatch, capsys
+    )
+    assert code == 2 and error_lines(err) == [
+        f"error: --annotate {hidden}: {hidden / 'astronaut.png'} (and 1 more) already exist; "
+        "annotated copies never replace a file: remove them or name another folder"
+    ]
+    assert snapshot(tmp_path) == after_first
+
+
+def test_annotate_pointing_at_a_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    folder = photo_folder(tmp_path / "photos", corrupt=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    for out_dir, where in (
+        (notes, "is"),
+        (notes / "sub", f"lies under {notes}, which is"),
+    ):
+        code, _, err = run_predict(
+            [str(folder), "--model", str(tmp_path / "x.keras"), "--annotate", str(out_dir)],
+            monkeypatch,
+            capsys,
+        )
+        assert code == 2 and error_lines(err) == [
+            f"error: --annotate {out_dir}: {where} a file, not a folder; name a new or empty folder"
+        ]
+        assert notes.read_text() == "mine\n"
+
+
+def test_a_copy_is_created_exclusively(tmp_path: Path) -> None:
+    """The race plan() cannot see: a file that appears after the check is never overwritten."""
+    from soundmood.inference.annotate import AnnotateError, save
+
+    target = tmp_path / "astronaut.png"
+    target.write_bytes(b"appeared meanwhile")
+    with pytest.raises(AnnotateError, match=rf"{target} appeared while predict ran"):
+        save(astronaut(), target)
+    assert target.read_bytes() == b"appeared meanwhile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["astronaut.png"]  # no partial left
+    fresh = tmp_path / "new.png"
+    save(astronaut(), fresh)
+    assert Image.open(fresh).size == (512, 512)
+
+
+def test_a_broken_keras_file_is_named_as_such(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    folder = photo_folder(tmp_path / "photos", corrupt=False)
+    whole = (models_dir / "coarse.keras").read_bytes()
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0xFF  # inside the weights: the zip's CRC check fails
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(bytes(flipped))
+    for model, reason in (
+        (truncated, "not a zip archive, as a .keras file is)"),
+        (corrupt, "BadZipFile: Bad CRC-32 for file 'model.weights.h5')"),
+    ):
+        code, _, err = run_predict([str(folder), "--model", str(model)], monkeypatch, capsys)
+        assert code == 2 and error_lines(err) == [
+            f"error: --model {model}: {model} is not a readable Keras model (truncated or "
+            f"corrupt: {reason}"
+        ], err
+
+
+def test_a_missing_photo_is_said_not_to_exist(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    missing = tmp_path / "nope.jpg"
+    code, lines, err = run_predict(
+        [str(missing), "--json", "--model", str(models_dir / "coarse.keras")], monkeypatch, capsys
+    )
+    assert code == 2 and error_lines(err) == [f"error: {missing}: does not exist"]
+    assert lines[0]["error"] == f"{missing}: does not exist"

@@ -1,11 +1,17 @@
-"""Draw a photo's faces (box, label, probability) and its mood onto a copy of it."""
+"""Draw a photo's faces (box, label, probability) and its mood onto a copy of it, and write the
+copies where they can never replace a photo or any other existing file."""
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from soundmood import fileio
+from soundmood.errors import UserError
 from soundmood.inference.predict import PhotoResult
 
 # One colour per class index (cycled), picked to stay distinct on photos.
@@ -64,8 +70,51 @@ def _label(
     pen.text((x + pad - left, y + pad - top), text, fill=(255, 255, 255), font=font)
 
 
-def output_path(source: Path, out_dir: Path, taken: set[Path]) -> Path:
-    """OUT_DIR/<name>, in the source's format; a name already written gets a -2, -3... suffix."""
+class AnnotateError(UserError):
+    """--annotate names a folder whose copies would replace or mix with existing files."""
+
+
+def plan(photos: list[Path], out_dir: Path, inputs: list[str]) -> list[Path]:
+    """Where each photo's annotated copy goes, in the order of `photos`: OUT_DIR/<name> in the
+    photo's format (PNG for other formats), a name met twice in one run with a -2, -3...
+    suffix. Refused before any work (AnnotateError naming the clash): OUT_DIR that is a file or
+    lies under one; OUT_DIR that is an input folder or inside one (its copies would be read as
+    photos on the next run; a hidden folder is skipped by that walk, so it is allowed); and any
+    copy whose name already exists, since a copy never replaces a file (a photo or an earlier
+    run's copy)."""
+    flag = f"--annotate {out_dir}"
+    existing = next((p for p in (out_dir, *out_dir.parents) if os.path.lexists(p)), None)
+    if existing is not None and not existing.is_dir():
+        where = "is" if existing == out_dir else f"lies under {existing}, which is"
+        raise AnnotateError(f"{flag}: {where} a file, not a folder; name a new or empty folder")
+    out = out_dir.resolve()
+    for folder in map(Path, inputs):
+        if not folder.is_dir() or not out.is_relative_to(folder.resolve()):
+            continue
+        inside = out.relative_to(folder.resolve())
+        if any(part.startswith(".") for part in inside.parts):  # collect_photos skips it
+            continue
+        what = (
+            f"is the input folder {folder}: its copies would sit among its photos and"
+            if not inside.parts
+            else f"lies inside the input folder {folder}: its copies would"
+        )
+        raise AnnotateError(
+            f"{flag}: {what} be read as photos on the next run; name a folder outside it"
+        )
+    taken: set[Path] = set()
+    targets = [_output_path(photo, out_dir, taken) for photo in photos]
+    clashes = [t for t in targets if os.path.lexists(t)]
+    if clashes:
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        raise AnnotateError(
+            f"{flag}: {clashes[0]}{more} already {'exist' if more else 'exists'}; annotated "
+            "copies never replace a file: remove them or name another folder"
+        )
+    return targets
+
+
+def _output_path(source: Path, out_dir: Path, taken: set[Path]) -> Path:
     suffix = source.suffix.lower() if source.suffix.lower() in FORMATS else ".png"
     target = out_dir / f"{source.stem}{suffix}"
     n = 2
@@ -77,8 +126,37 @@ def output_path(source: Path, out_dir: Path, taken: set[Path]) -> Path:
 
 
 def save(image: Image.Image, target: Path) -> None:
+    """Write `image` to `target`, which must not exist: the encoded file is written beside it
+    under fileio's temporary name and hard-linked into place, which fails rather than replace
+    a file that appeared meanwhile (a race); a kill leaves no half-written copy under `target`."""
     fmt = FORMATS[target.suffix]
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
+    try:
+        _create_new(target, buffer.getvalue())
+    except FileExistsError as exc:
+        raise AnnotateError(
+            f"--annotate: {target} appeared while predict ran; it was not overwritten"
+        ) from exc
+    except OSError as exc:
+        raise AnnotateError(f"--annotate: cannot write {target}: {exc.strerror or exc}") from exc
+
+
+def _create_new(target: Path, data: bytes) -> None:
+    """Exclusive and atomic creation (fileio.atomic_path replaces, which a copy must not)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    image.save(tmp, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
-    tmp.replace(target)
+    partial = fileio.partial_name(target)
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(partial, target)  # FileExistsError if target exists: never replaces
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            with open(target, "xb") as handle:  # no hard links here: exclusive, not atomic
+                handle.write(data)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -1,8 +1,10 @@
 """`soundmood predict PATH... [--model URI] [--annotate OUT_DIR] [--json]`.
 
 Exit codes: 0 when at least one photo was read (a photo without faces counts: mood null),
-2 when every file failed to read, no photo was found, or the model/config is unusable.
+2 when every file failed to read, no photo was found, the model/config is unusable, or
+--annotate would replace or mix with existing files (refused before the model loads).
 Unreadable files are named on stderr (and in their JSON line / table row); the batch goes on.
+Every case and its message: docs/inference.md, "Errors and what you see".
 """
 
 from __future__ import annotations
@@ -51,22 +53,32 @@ def predict_file(
     path: Path,
     cfg: DictConfig,
     settings: Settings,
-    out_dir: Path | None,
-    taken: set[Path],
+    target: Path | None = None,
 ) -> PhotoResult:
-    """One photo's result; an unreadable file gives a result with `error` set."""
+    """One photo's result, its annotated copy written to `target` (which must not exist; see
+    annotate.plan); an unreadable file gives a result with `error` set."""
     try:
         photo = to_rgb(open_image(path))
     except ImageError as exc:
-        return PhotoResult(str(path), error=str(exc))
-    except OSError as exc:  # missing, a folder, no permission
+        return PhotoResult(str(path), error=_read_error(path, exc))
+    except OSError as exc:  # a folder, no permission
         return PhotoResult(str(path), error=f"{path}: {exc.strerror or exc}")
     result = predict_photo(model, photo, cfg, path=str(path), settings=settings)
-    if out_dir is not None:
-        target = annotate.output_path(path, out_dir, taken)
+    if target is not None:
         annotate.save(annotate.draw(photo, result, list(cfg.data.classes)), target)
         result.annotated = str(target)
     return result
+
+
+def _read_error(path: Path, exc: ImageError) -> str:
+    """Why a photo could not be read: an OS reason (missing, no permission) as itself, not as a
+    corrupt image."""
+    cause = exc.__cause__
+    if isinstance(cause, FileNotFoundError):
+        return f"{path}: does not exist"
+    if isinstance(cause, OSError) and cause.errno is not None and cause.strerror:
+        return f"{path}: {cause.strerror}"
+    return str(exc)
 
 
 def predict_cli(cfg: DictConfig, args: argparse.Namespace) -> int:
@@ -79,10 +91,14 @@ def predict_cli(cfg: DictConfig, args: argparse.Namespace) -> int:
             f"{len(photos)} photos exceed inference.limits.max_files="
             f"{settings.limits.max_files}; split the batch or raise the limit"
         )
+    # refused before the model loads: a copy never replaces a file or lands among the inputs
+    targets = (
+        annotate.plan(photos, Path(args.annotate), args.paths)
+        if args.annotate
+        else [None] * len(photos)
+    )
     model = load_model(args.model, cfg)
     _check_classes(model, list(cfg.data.classes), args.model)
-    out_dir = Path(args.annotate) if args.annotate else None
-    taken: set[Path] = set()
     results = []
     bar = tqdm(
         photos,
@@ -91,8 +107,8 @@ def predict_cli(cfg: DictConfig, args: argparse.Namespace) -> int:
         disable=None if len(photos) > 1 else True,
         file=sys.stderr,
     )
-    for path in bar:
-        result = predict_file(model, path, cfg, settings, out_dir, taken)
+    for path, target in zip(bar, targets, strict=True):
+        result = predict_file(model, path, cfg, settings, target)
         if result.error:
             bar.write(f"error: {result.error}", file=sys.stderr)
         if args.json:

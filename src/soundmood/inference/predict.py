@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,13 +162,11 @@ def load_model(uri: str, cfg: DictConfig | None = None) -> Any:
     (soundmood.serving) its ONNX graph, the one evaluate scored and the service runs, is loaded
     as an OnnxForward (older pyfuncs without one: their .keras artifact). `cfg` points MLflow
     at the configured tracking store (MLFLOW_TRACKING_URI wins)."""
-    import keras
-
     path = Path(uri).expanduser()
     if path.suffix == ".keras" or path.is_file():
         if not path.is_file():
             raise ModelLoadError(f"--model {uri}: no such file")
-        return _checked(keras.models.load_model(path, compile=False), uri)
+        return _checked(_load_keras(path, uri), uri)
     if path.is_dir():
         return _from_mlflow_folder(path, uri)
     if "://" not in uri and ":/" not in uri:
@@ -190,7 +189,6 @@ def _download(uri: str, cfg: DictConfig | None) -> Path:
 
 
 def _from_mlflow_folder(folder: Path, uri: str) -> Any:
-    import keras
     import yaml
 
     mlmodel = folder / "MLmodel"
@@ -206,11 +204,26 @@ def _from_mlflow_folder(folder: Path, uri: str) -> Any:
         return _checked_graph(graphs[0], uri)
     saved = sorted(folder.rglob("*.keras"))
     if saved:
-        return _checked(keras.models.load_model(saved[0], compile=False), uri)
+        return _checked(_load_keras(saved[0], uri), uri)
     raise ModelLoadError(
         f"--model {uri}: an MLflow model with flavors {sorted(flavors)} and no "
         ".keras file; expected a SoundMood Keras or pyfunc model"
     )
+
+
+def _load_keras(path: Path, uri: str) -> Any:
+    """A .keras file as a Keras model. Keras says "File not found" for any file that is not a
+    zip archive, so a truncated or corrupt file is named as what it is."""
+    import keras
+
+    unreadable = f"--model {uri}: {path} is not a readable Keras model (truncated or corrupt"
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{unreadable}: not a zip archive, as a .keras file is)")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises assorted types for a damaged archive
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelLoadError(f"{unreadable}: {type(exc).__name__}: {reason})") from exc
 
 
 def _checked(model: Any, uri: str) -> Any:
