@@ -6,10 +6,12 @@ was (byte for byte)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import stat
 import struct
 import subprocess
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -94,16 +96,18 @@ def zip_folder(folder: Path, target: Path) -> Path:
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    """Every file under folder (relative path -> sha256), symlinks as their target."""
+    """Every entry under folder (relative path -> sha256), symlinks as their target, pipes and
+    devices by their kind (never opened)."""
     out = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if path.is_symlink():
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
             out[rel] = "link:" + str(path.readlink())
-        elif path.is_file():
+        elif stat.S_ISREG(mode):
             out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
         else:
-            out[rel] = "dir"
+            out[rel] = "dir" if stat.S_ISDIR(mode) else f"special:{stat.S_IFMT(mode)}"
     return out
 
 
@@ -375,3 +379,230 @@ def test_every_problem_is_named_at_once(
     assert f"DATASET/train/4/{images[0].name}: not a decodable image" in err
     assert f"DATASET/train/4/{images[1].name}: corrupt or truncated image" in err
     assert "2 problem(s)" in err
+
+
+# --- --out: only what a previous import wrote is ever replaced -----------------------------------
+
+OUT_REFUSED = (
+    "--out {out} holds {n} thing(s) that import-rafdb did not write; refused, nothing changed. "
+    "An existing --out is replaced only when it is empty or holds only a previous import "
+    "(train|test/<class>/<image>): move these away or choose another --out\n"
+)
+
+
+def test_out_on_a_foreign_folder_is_refused(
+    tmp_path: Path, data_root: Path, project: Path, monkeypatch, capsys
+) -> None:
+    source = official_tree(tmp_path / "download", data_root)
+    foreign = tmp_path / "thesis"
+    (foreign / "figures").mkdir(parents=True)
+    (foreign / "thesis.tex").write_text("\\documentclass{book}\n")
+    (foreign / "figures" / "plot.png").write_bytes(b"not ours")
+    (foreign / "train" / "happy").mkdir(parents=True)  # looks like ours, holds something else
+    (foreign / "train" / "happy" / "notes.txt").write_text("mine\n")
+    err = _refused(project, source, foreign, monkeypatch, capsys)
+    assert err.startswith("error: " + OUT_REFUSED.format(out=foreign, n=3)), err
+    assert f"  {foreign / 'figures'}: a folder, not train/ or test/" in err
+    assert f"  {foreign / 'thesis.tex'}: a file, not train/ or test/" in err
+    assert f"  {foreign / 'train' / 'happy' / 'notes.txt'}: not an image file" in err
+
+
+def test_out_on_the_folder_holding_the_data_tree_is_refused(
+    tmp_path: Path, data_root: Path, project: Path, monkeypatch, capsys
+) -> None:
+    """`--out data` used to replace data/ whole, raf-db-5class and its images with it."""
+    data = project / "data"
+    for split in ("train", "test"):
+        for klass in LABEL_OF:
+            (data / "raf-db-5class" / split / klass).mkdir(parents=True)
+            for path in sorted((data_root / split / klass).iterdir())[:2]:
+                shutil.copy(path, data / "raf-db-5class" / split / klass / path.name)
+    err = _refused(
+        project, official_tree(tmp_path / "download", data_root), data, monkeypatch, capsys
+    )
+    assert err.startswith("error: " + OUT_REFUSED.format(out=data, n=1)), err
+    assert f"  {data / 'raf-db-5class'}: a folder, not train/ or test/" in err
+
+
+def test_out_is_checked_before_the_source_is_read(
+    tmp_path: Path, project: Path, monkeypatch, capsys
+) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine\n")
+    # the source does not exist: only the --out check, which comes first, can name anything
+    err = _refused(project, tmp_path / "no-such-download.zip", foreign, monkeypatch, capsys)
+    assert err.startswith("error: " + OUT_REFUSED.format(out=foreign, n=1)), err
+    assert "no-such-download" not in err
+
+
+@pytest.mark.parametrize("target", [".", ".."], ids=["dot", "parent"])
+def test_out_holding_the_current_folder_is_refused(
+    target: str, tmp_path: Path, data_root: Path, project: Path
+) -> None:
+    """`--out .` ended in an OSError traceback (renaming the current folder)."""
+    source = zip_folder(official_tree(tmp_path / "download", data_root), tmp_path / "basic.zip")
+    before = tree_digest(tmp_path)
+    result = subprocess.run(
+        ["soundmood", "import-rafdb", str(source), "--out", target],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: --out {target} is or holds the folder you run in ({project.resolve()}); the "
+        "import replaces --out whole, so give it a folder of its own, such as "
+        "data/raf-db-5class\n"
+    )
+    assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_out_that_is_not_a_folder_is_refused(
+    kind: str, tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
+    target = tmp_path / "target"
+    if kind == "file":
+        target.write_bytes(b"a file the user has")
+        expected = f"error: {target}: exists and is not a folder\n"
+    else:
+        target.symlink_to(out, target_is_directory=True)
+        expected = f"error: --out {target}: is a symbolic link (to {out}); give the folder itself\n"
+    source = official_tree(tmp_path / "download", data_root)
+    before = tree_digest(tmp_path)
+    code, _, err = import_main(project, source, target, monkeypatch, capsys)
+    assert code == 2 and err == expected, err
+    assert tree_digest(tmp_path) == before
+
+
+def test_out_replacing_a_previous_import_is_allowed(
+    tmp_path: Path, data_root: Path, project: Path, monkeypatch, capsys
+) -> None:
+    target = tmp_path / "raf"
+    source = official_tree(tmp_path / "download", data_root)
+    code, printed, err = import_main(project, source, target, monkeypatch, capsys)
+    assert code == 0 and f"wrote {target}/ (15 images)" in printed, err
+    (target / ".DS_Store").write_bytes(b"\0")  # Finder litter is tolerated, as in sources
+    (target / "test" / "happy" / "._x.jpg").write_bytes(b"\0")
+    shutil.rmtree(target / "test" / "sad")  # a class folder gone, another left empty: still ours
+    for path in (target / "test" / "angry").iterdir():
+        path.unlink()
+    code, printed, err = import_main(
+        project, zip_folder(source, tmp_path / "basic.zip"), target, monkeypatch, capsys
+    )
+    assert code == 0, err
+    assert f"replaced {target}/ (15 images)" in printed
+    assert_imported(target, printed)
+    assert not (target / ".DS_Store").exists()
+
+
+# --- damaged archives and special files in a source folder ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["basic.zip", "basic.download"], ids=["suffix", "magic"])
+def test_truncated_zip_is_named_damaged(
+    name: str, tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
+    whole = zip_folder(official_tree(tmp_path / "download", data_root), tmp_path / "whole.zip")
+    cut = tmp_path / name
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # an interrupted download
+    assert cut.read_bytes()[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(cut)
+    err = _refused(project, cut, out, monkeypatch, capsys)
+    assert err == (
+        f"error: {cut}: a damaged or incomplete .zip archive (it has no readable central "
+        "directory, the index at its end; was the download cut short?); download it again\n"
+    )
+
+
+def _run_import(
+    source: Path, target: Path, project: Path
+) -> tuple[subprocess.CompletedProcess, float]:
+    """The real CLI in a subprocess: a read that blocks is a TimeoutExpired, not a stuck test."""
+    start = time.monotonic()
+    result = subprocess.run(
+        ["soundmood", "import-rafdb", str(source), "--out", str(target)],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result, time.monotonic() - start
+
+
+def test_named_pipe_in_a_source_folder_is_refused_without_blocking(
+    tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
+    source = official_tree(tmp_path / "download", data_root)
+    pipe = sorted((source / "Image" / "aligned").glob("train_*_aligned.jpg"))[0]
+    pipe.unlink()
+    os.mkfifo(pipe)  # opened, it would block forever waiting for a writer
+    before = tree_digest(out)
+    result, seconds = _run_import(source, out, project)
+    assert result.returncode == 2, result.stderr
+    assert seconds < 20  # interpreter start-up included; the refusal itself is instant
+    assert f"  {pipe}: is a named pipe, not a regular file; refused unread\n" in result.stderr
+    assert tree_digest(out) == before
+    start = time.monotonic()  # in-process, without start-up: well under 2 s
+    err = _refused(project, source, out, monkeypatch, capsys)
+    assert time.monotonic() - start < 2
+    assert "import refused, nothing written: 1 problem(s)" in err
+    assert f"  {pipe}: is a named pipe, not a regular file; refused unread\n" in err
+
+
+def test_device_file_in_a_source_folder_is_refused_unopened(
+    tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
+    source = official_tree(tmp_path / "download", data_root)
+    device = sorted((source / "Image" / "aligned").glob("test_*_aligned.jpg"))[0]
+    device.unlink()
+    try:
+        os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # a second /dev/zero
+    except PermissionError:
+        pytest.skip("creating a device node needs root (CAP_MKNOD)")
+    start = time.monotonic()
+    err = _refused(project, source, out, monkeypatch, capsys)
+    assert time.monotonic() - start < 2
+    assert f"  {device}: is a character device, not a regular file; refused unread\n" in err
+
+
+def test_link_to_dev_zero_in_a_source_folder_is_refused_unread(
+    tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
+    source = kaggle_tree(tmp_path / "download", data_root)
+    link = sorted((source / "DATASET" / "train" / "4").iterdir())[0]
+    link.unlink()
+    link.symlink_to("/dev/zero")
+    start = time.monotonic()
+    err = _refused(project, source, out, monkeypatch, capsys)
+    assert time.monotonic() - start < 2
+    assert f"DATASET/train/4/{link.name}: is a symlink; symlinks are never followed" in err
+
+
+def test_symlinked_class_folder_in_a_source_is_refused(
+    tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
+    source = kaggle_tree(tmp_path / "download", data_root)
+    folder = source / "DATASET" / "train" / "4"
+    shutil.move(folder, tmp_path / "elsewhere")
+    folder.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    err = _refused(project, source, out, monkeypatch, capsys)
+    assert (
+        f"  {source}: DATASET/train/4: is a symlink to a folder; symlinks are never followed\n"
+        in err
+    )
+
+
+def test_symlinked_image_folder_is_named_once(
+    tmp_path: Path, data_root: Path, project: Path, out: Path, monkeypatch, capsys
+) -> None:
+    source = official_tree(tmp_path / "download", data_root)
+    folder = source / "Image" / "aligned"
+    shutil.move(folder, tmp_path / "elsewhere")
+    folder.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    err = _refused(project, source, out, monkeypatch, capsys)
+    assert err == (
+        f"error: {source}: import refused, nothing written: 1 problem(s)\n"
+        f"  {source}: Image/aligned: is a symlink to a folder; symlinks are never followed\n"
+    )

@@ -112,11 +112,14 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_bounded(path: str | Path, limit: int, what: str = "data.limits.max_file_bytes") -> bytes:
+def read_bounded(
+    path: str | Path, limit: int, what: str = "data.limits.max_file_bytes", *, head: bool = False
+) -> bytes:
     """The bytes of a regular file of at most `limit` bytes. A final symlink is not followed, a
     pipe or device is refused without blocking, and a larger file is refused after reading at
-    most `limit` + 1 bytes; each is an UnsafeFileError naming the path. A missing file raises
-    FileNotFoundError as usual."""
+    most `limit` + 1 bytes; each is an UnsafeFileError naming the path. With `head`, a larger
+    file is not refused: its first `limit` bytes are returned (to sniff a format's magic bytes).
+    A missing file raises FileNotFoundError as usual."""
     path = Path(path)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
@@ -131,7 +134,7 @@ def read_bounded(path: str | Path, limit: int, what: str = "data.limits.max_file
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise UnsafeFileError(f"{path}: is {file_kind(mode)}, not a regular file; refused")
-        data = handle.read(limit + 1)
+        data = handle.read(limit if head else limit + 1)
     if len(data) > limit:
         raise UnsafeFileError(f"{path}: over {what} ({limit} bytes); refused unread")
     return data

@@ -13,8 +13,14 @@ tree that data.dvc records.
 The source is untrusted: zip entries with absolute paths or `..` make the whole archive refused
 (zip-slip), symlinks are never followed, each file and the whole archive are bounded in
 uncompressed size, an image header may not declare more than data.limits.max_image_pixels, and
-every image must decode. The tree is written to a temporary folder beside --out and renamed into
-place only when everything passed, so a refused import leaves --out as it was.
+every image must decode. In a source folder only regular files are read (fileio.read_bounded):
+a pipe or device is named and never opened. The tree is written to a temporary folder beside --out
+and renamed into place only when everything passed, so a refused import leaves --out as it was.
+
+--out is replaced only when it holds nothing but what an import writes (check_out): an empty
+folder or a train|test/<class>/<image> tree. Anything else there is the user's and is never
+deleted; the refusal comes before the (slow) source is read. No marker file marks our trees:
+`dvc add` would hash it, and a genuine download must reproduce the md5 that data.dvc records.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from omegaconf import DictConfig
 
 from soundmood.data.images import IMAGE_SUFFIXES, ImageError, open_bounded
 from soundmood.data.layout import RAFDB_LABEL_NAMES, SPLITS
-from soundmood.errors import UserError
+from soundmood.errors import UnsafeFileError, UserError
+from soundmood.fileio import file_kind, read_bounded
 from soundmood.processes import is_alive
 
 OFFICIAL_LABEL_FILE = "list_patition_label.txt"  # sic: the official release's spelling
@@ -44,8 +51,11 @@ OFFICIAL_LABEL_DIRS = ("EmoLabel", "EmotionLabel")
 KAGGLE_IMAGE = re.compile(
     r"^(?P<prefix>(?:.*/)?)(?:DATASET/)?(?P<split>train|test)/(?P<label>\d+)/(?P<name>[^/]+)$"
 )
+# A Kaggle-layout folder (DATASET, a split, a label): a symlink there is named, not skipped.
+KAGGLE_FOLDER = re.compile(r"^(?:.*/)?(?:DATASET|(?:DATASET/)?(?:train|test)(?:/\d+)?)$")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 MAX_LISTED = 200  # problems listed one by one; beyond that a count
+ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local file header
 
 
 class ArchiveError(UserError):
@@ -108,16 +118,24 @@ class Source:
 
 
 class FolderSource(Source):
+    """A folder's files. Pipes, devices and sockets are listed like files (so that the layout
+    names them where an image or label file is expected) but are refused, never opened."""
+
     def __init__(self, root: Path, limits: Limits) -> None:
         files, links = {}, set()
+        self.special: dict[str, str] = {}  # entry -> what it is ("a named pipe", ...)
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             base = Path(dirpath)
             for name in [*dirnames, *filenames]:
                 path = base / name
-                if path.is_symlink():
-                    links.add(path.relative_to(root).as_posix())
+                entry = path.relative_to(root).as_posix()
+                mode = path.lstat().st_mode
+                if stat.S_ISLNK(mode):
+                    links.add(entry)
                 elif name in filenames:
-                    files[path.relative_to(root).as_posix()] = path.lstat().st_size
+                    files[entry] = path.lstat().st_size
+                    if not stat.S_ISREG(mode):
+                        self.special[entry] = file_kind(mode)
             if len(files) > limits.max_archive_files:
                 raise ArchiveError(
                     f"{root}: more than data.limits.max_archive_files "
@@ -127,10 +145,13 @@ class FolderSource(Source):
         self.root = root
 
     def read(self, entry: str, limit: int) -> bytes:
-        # O_NOFOLLOW: a file swapped for a symlink after listing is refused, not followed.
-        fd = os.open(self.root / entry, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "rb") as handle:
-            return handle.read(limit + 1)
+        """The entry's bytes; UnsafeFileError for a pipe, device, link or file over `limit`
+        (read_bounded also catches a file swapped for one of them after the listing)."""
+        if entry in self.special:
+            raise UnsafeFileError(
+                f"{self.root / entry}: is {self.special[entry]}, not a regular file; refused unread"
+            )
+        return read_bounded(self.root / entry, limit)
 
 
 class ZipSource(Source):
@@ -212,8 +233,18 @@ def open_source(path: Path, limits: Limits) -> Source:
         raise ArchiveError(f"{path}: no such file or folder")
     if path.is_dir():
         return FolderSource(path, limits)
+    mode = (
+        path.stat().st_mode
+    )  # the path the user typed may be a link; what it names must be a file
+    if not stat.S_ISREG(mode):  # zipfile would block on a pipe or read a device forever
+        raise ArchiveError(f"{path}: is {file_kind(mode)}; expected a folder or a .zip archive")
     if zipfile.is_zipfile(path):
         return ZipSource(path, limits)
+    if path.suffix.lower() == ".zip" or read_bounded(path.resolve(), 4, head=True) == ZIP_MAGIC:
+        raise ArchiveError(
+            f"{path}: a damaged or incomplete .zip archive (it has no readable central "
+            "directory, the index at its end; was the download cut short?); download it again"
+        )
     raise ArchiveError(f"{path}: neither a folder nor a .zip archive")
 
 
@@ -272,6 +303,11 @@ def kaggle_items(source: Source, limits: Limits) -> tuple[list[Item], list[str]]
         if match:
             prefixes.add(match["prefix"])
             found[match["split"]][match["name"]] = (int(match["label"]), entry)
+    linked = [
+        f"{source.where}: {link}: is a symlink to a folder; symlinks are never followed"
+        for link in sorted(source.links)
+        if KAGGLE_FOLDER.match(link)
+    ]
     if len(prefixes) > 1:
         raise ArchiveError(
             listing(
@@ -279,7 +315,7 @@ def kaggle_items(source: Source, limits: Limits) -> tuple[list[Item], list[str]]
                 sorted(p or "." for p in prefixes),
             )
         )
-    items, problems = [], []
+    items, problems = [], linked
     for split in SPLITS:
         csv_name = _only(
             sorted(e for e in source.files if PurePosixPath(e).name == f"{split}_labels.csv"),
@@ -347,7 +383,9 @@ def detect(source: Source, limits: Limits) -> tuple[str, list[Item], list[str]]:
     label_file = find_official(source)
     if label_file:
         return ("official RAF-DB basic", *official_items(source, label_file, limits))
-    if any(KAGGLE_IMAGE.match(e) for e in (*source.files, *source.links)):
+    if any(KAGGLE_IMAGE.match(e) for e in (*source.files, *source.links)) or any(
+        KAGGLE_FOLDER.match(e) for e in source.links
+    ):
         return ("Kaggle copy", *kaggle_items(source, limits))
     raise ArchiveError(
         f"{source.where}: no RAF-DB layout found: expected EmoLabel/{OFFICIAL_LABEL_FILE} with "
@@ -385,6 +423,12 @@ def check_image(source: Source, item: Item, limits: Limits) -> tuple[bytes | Non
     if item.entry in source.links:
         return None, f"{label}: is a symlink; symlinks are never followed"
     if item.entry not in source.files:
+        linked = [str(p) for p in PurePosixPath(item.entry).parents if str(p) in source.links]
+        if linked:  # one problem for the folder, however many images it holds (see stop_if)
+            return None, (
+                f"{source.where}: {linked[-1]}: is a symlink to a folder; symlinks are never "
+                "followed"
+            )
         return None, f"{label}: missing"
     bomb = (
         f"uncompressed, over data.limits.max_file_bytes ({limits.max_file_bytes}); "
@@ -392,7 +436,10 @@ def check_image(source: Source, item: Item, limits: Limits) -> tuple[bytes | Non
     )
     if source.files[item.entry] > limits.max_file_bytes:  # declared: refused before inflating
         return None, f"{label}: {source.files[item.entry]} bytes {bomb}"
-    data = source.read(item.entry, limits.max_file_bytes)
+    try:
+        data = source.read(item.entry, limits.max_file_bytes)
+    except UnsafeFileError as exc:  # a pipe or device in a folder: one listed problem, unread
+        return None, str(exc)
     if len(data) > limits.max_file_bytes:  # the declared size lied; reading stopped at the limit
         return None, f"{label}: more bytes than its header declares, {bomb}"
     try:
@@ -416,10 +463,7 @@ class Summary:
 
 def import_rafdb(source_path: Path, out: Path, settings: Settings) -> Summary:
     """Import into `out` atomically; raise ArchiveError naming every problem, `out` unchanged."""
-    if out.exists() and not out.is_dir():
-        raise ArchiveError(f"{out}: exists and is not a folder")
-    if source_path.exists() and _overlaps(source_path, out):
-        raise ArchiveError(f"--out {out} would replace the source {source_path}; choose another")
+    check_out(out, source_path, settings.classes)  # before the slow read of the source
     source = open_source(source_path, settings.limits)
     try:
         layout, items, problems = detect(source, settings.limits)
@@ -435,6 +479,7 @@ def import_rafdb(source_path: Path, out: Path, settings: Settings) -> Summary:
         )
         try:
             counts = _write_tree(source, kept, staging / "tree", settings)
+            check_out(out, source_path, settings.classes)  # again: the import took a while
             replaced = _move_into_place(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -449,6 +494,77 @@ def import_rafdb(source_path: Path, out: Path, settings: Settings) -> Summary:
         for s in SPLITS
     }
     return Summary(layout, counts, dropped, out, replaced)
+
+
+def check_out(out: Path, source: Path, classes: tuple[str, ...]) -> None:
+    """Refuse an --out whose replacement would delete anything an import did not write: the
+    current folder (the project) or one holding it, the source, a file, a link, or a folder with
+    anything but an import's tree in it. Nothing is changed when it refuses."""
+    if out.is_symlink():
+        raise ArchiveError(
+            f"--out {out}: is a symbolic link (to {os.readlink(out)}); give the folder itself"
+        )
+    if out.exists() and not out.is_dir():
+        raise ArchiveError(f"{out}: exists and is not a folder")
+    blocker = next((p for p in out.absolute().parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ArchiveError(f"--out {out}: {blocker} is not a folder")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise ArchiveError(
+            f"--out {out} is or holds the folder you run in ({here}); the import replaces "
+            "--out whole, so give it a folder of its own, such as data/raf-db-5class"
+        )
+    if source.exists() and _overlaps(source, out):
+        raise ArchiveError(f"--out {out} would replace the source {source}; choose another")
+    if out.is_dir():
+        foreign = foreign_entries(out, classes)
+        if foreign:
+            raise ArchiveError(
+                listing(
+                    f"--out {out} holds {len(foreign)} thing(s) that import-rafdb did not write; "
+                    "refused, nothing changed. An existing --out is replaced only when it is "
+                    "empty or holds only a previous import (train|test/<class>/<image>): move "
+                    "these away or choose another --out",
+                    foreign,
+                )
+            )
+
+
+def foreign_entries(out: Path, classes: tuple[str, ...]) -> list[str]:
+    """What in `out` an import would not have written, one line each (empty: ours to replace).
+    Ours: `train`/`test` folders holding folders named in data.classes holding regular files with
+    an image suffix. Finder litter (.DS_Store, ._*) is tolerated, as it is in sources; any other
+    hidden entry (.git, .dvc, ...) is the user's. Nothing is followed or read."""
+    expected = (
+        ("train/ or test/ (a previous import holds nothing else)", set(SPLITS)),
+        (f"a folder named after a class in data.classes ({', '.join(classes)})", set(classes)),
+    )
+    foreign: list[str] = []
+
+    def visit(folder: Path, depth: int) -> None:
+        for path in sorted(folder.iterdir()):
+            mode = path.lstat().st_mode
+            if stat.S_ISREG(mode) and is_finder_litter(path.name):
+                continue
+            if depth < len(expected):
+                what, names = expected[depth]
+                if stat.S_ISDIR(mode) and path.name in names:
+                    visit(path, depth + 1)
+                else:
+                    kind = "a folder" if stat.S_ISDIR(mode) else _kind(mode)
+                    foreign.append(f"{path}: {kind}, not {what}")
+            elif not stat.S_ISREG(mode):
+                foreign.append(f"{path}: {_kind(mode)} inside a class folder, not an image file")
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                foreign.append(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
+
+    visit(out, 0)
+    return foreign
+
+
+def _kind(mode: int) -> str:
+    return "a file" if stat.S_ISREG(mode) else file_kind(mode)
 
 
 def _overlaps(source: Path, out: Path) -> bool:
@@ -507,6 +623,7 @@ def _move_into_place(staging: Path, out: Path) -> bool:
 
 
 def stop_if(problems: list[str], where: str) -> None:
+    problems = list(dict.fromkeys(problems))  # a symlinked folder is named once, not per image
     if problems:
         raise ArchiveError(
             listing(
