@@ -180,8 +180,8 @@ def test_pyfunc_rejects_bad_input_with_a_message_naming_the_problem(store, keras
 
 def test_detect_faces_option_classifies_detected_faces(store, keras_model):
     """The full-photo hook: soundmood.inference's detector on a real face and on a blank photo
-    (no face: classified whole, faces = 0)."""
-    pytest.importorskip("soundmood.inference", reason="the face detector module is not here yet")
+    (no face: classified whole, faces = 0). Never skipped: the served model imports the detector
+    at load time, so a missing one fails here."""
     from PIL import Image
 
     from soundmood.serving import encode_png

@@ -17,19 +17,25 @@ raises MlflowException(INVALID_PARAMETER_VALUE), which the scoring server answer
 
 Face detection (`detect_faces`, default off; the model_config default, overridable per request
 with the `detect_faces` param): RAF-DB faces are aligned crops, so by default the whole image is
-the face. For full photos it calls soundmood.inference (the code `soundmood predict` runs):
-    detect_faces(image, settings) -> faces (Face.crop(size) -> model input, Face.area)
-    combine_mood(probs, areas, weighting) -> one probability vector per photo
-with the cfg.inference logged in model_config["inference"]. A detector returning plain crops
-(arrays or PIL images) works too. A photo with no face found is classified whole; the `faces`
-column says how many faces each row combines (0: the whole photo).
+the face. For full photos it runs the code `soundmood predict` runs, with the cfg.inference
+logged in model_config["inference"]:
+    soundmood.inference.detect.detect_faces(image, settings) -> faces (Face.crop(size), .area)
+    soundmood.inference.mood.combine_mood(probs, areas, weighting) -> one vector per photo
+A photo with no face found is classified whole; the `faces` column says how many faces each
+row combines (0: the whole photo).
+
+Its own environment: what this module imports (soundmood.forward, .data.images,
+.inference.detect and .mood, never the CLI's soundmood.inference.command with rich and tqdm)
+and what MTCNN needs are pinned in the logged requirements.txt (SERVING_PACKAGES). A missing
+one fails the load, naming it: the imports are at the top of this module, and load_context
+checks MTCNN's (which import TensorFlow, so detection imports them on first use).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+import io
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,19 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from PIL import Image
+
+import soundmood
+from soundmood.data.images import ImageError, load_face, open_image, resize, to_rgb
+
+# Forward and onnx_model (moved to soundmood.forward) are re-exported for the modules that still
+# import them, with OnnxForward and tta_probabilities, from here: evaluate, train, logit_adjustment
+from soundmood.forward import Forward as Forward
+from soundmood.forward import OnnxForward, tta_probabilities
+from soundmood.forward import onnx_model as onnx_model
+from soundmood.inference.detect import Face, detect_faces, require_detector
+from soundmood.inference.mood import combine_mood
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
@@ -47,19 +66,26 @@ KERAS_ARTIFACT = "keras_model"  # for retraining and `soundmood predict`; not lo
 ONNX_ARTIFACT = "onnx_model"  # what the served model runs
 DETECT_FACES = "detect_faces"
 INFERENCE_SETTINGS = "inference"
-# What the served model imports, pinned to the versions it was logged with; each entry lists
-# interchangeable distributions (the first installed one is pinned; none installed: left out,
-# as mtcnn and omegaconf are needed only with face detection).
+# Every distribution the served model imports or runs with, pinned to the version it was logged
+# with; each entry lists interchangeable distributions (the first installed one is pinned).
+# Logging fails if none of an entry's is installed. The test tests/test_served_env.py checks that
+# what a detect_faces request imports is these or their own requirements, and serves the model
+# from a fresh environment built from the logged requirements.txt alone.
 SERVING_PACKAGES = (
-    ("mlflow",),
-    ("onnxruntime",),
-    ("keras",),
-    ("tensorflow-cpu", "tensorflow"),
+    ("mlflow",),  # the pyfunc itself
+    ("onnxruntime",),  # soundmood.forward: the classifier
     ("numpy",),
     ("pandas",),
-    ("pillow",),
-    ("omegaconf",),
-    ("mtcnn",),
+    ("pillow",),  # soundmood.data.images: decoding and resizing
+    ("omegaconf",),  # soundmood.inference.settings and soundmood.config
+    ("hydra-core",),  # soundmood.config, which settings imports for ConfigError
+    ("pyyaml",),  # soundmood.config's and omegaconf's
+    ("antlr4-python3-runtime",),  # omegaconf's interpolation grammar
+    ("mtcnn",),  # soundmood.inference.detect
+    ("tensorflow-cpu", "tensorflow"),  # mtcnn's network
+    ("keras",),  # tensorflow's tf.keras, which mtcnn's layers are
+    ("joblib",),  # mtcnn's weight loader
+    ("lz4",),  # joblib's reader for mtcnn's .lz4 weights
 )
 
 
@@ -85,81 +111,6 @@ def encoded_bytes(value: object, row: int) -> bytes:
     )
 
 
-def face_detector() -> tuple[Callable, Callable] | None:
-    """soundmood.inference's (detect_faces, combine_mood), when that module provides them."""
-    try:
-        from soundmood.inference import combine_mood, detect_faces
-    except ImportError:
-        return None
-    return detect_faces, combine_mood
-
-
-Forward = Callable[[np.ndarray], np.ndarray]  # uint8 faces (N, S, S, 3) -> probabilities (N, C)
-
-
-def onnx_model(model: Any, opset: int = 17) -> bytes:
-    """The Keras classifier as an ONNX graph, what the served model and evaluate run. ONNX
-    Runtime on 2 cores, MobileNetV2 at 160 px: a face and its mirror in 3.7 against 16.8 ms
-    p50 for TensorFlow's traced call; 580 against 330 faces/s at batch 16 (2026-12-02), with
-    probabilities within 1e-6. The variables are frozen first: converting the traced function
-    as it is (tf2onnx, or keras' export(format="onnx")) leaves the Normalization layer's
-    constants as graph inputs."""
-    import logging
-
-    import tensorflow as tf
-    import tf2onnx
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
-
-    tf2onnx.logging.set_level(logging.ERROR)
-    spec = tf.TensorSpec((None, *model.input_shape[1:]), model.inputs[0].dtype, name="image")
-    traced = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-    frozen = convert_variables_to_constants_v2(traced.get_concrete_function())
-    proto, _ = tf2onnx.convert.from_graph_def(
-        frozen.graph.as_graph_def(),
-        input_names=[t.name for t in frozen.inputs],
-        output_names=[t.name for t in frozen.outputs],
-        opset=opset,
-    )
-    return proto.SerializeToString()
-
-
-class OnnxForward:
-    """An ONNX Runtime session over a file onnx_model wrote, called as a Forward; `threads` 0
-    lets ONNX Runtime take one per physical core."""
-
-    def __init__(self, path: str | Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        image = self.session.get_inputs()[0]
-        self.input_name, self.image_size = image.name, int(image.shape[1])
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
-
-
-def tta_probabilities(
-    forward: Forward, faces: np.ndarray, batch_size: int, tta_flip: bool
-) -> np.ndarray:
-    """Class probabilities of `faces` in chunks of `batch_size`; with `tta_flip` averaged with
-    those of the mirrored faces. The served model and evaluate both predict through this, so
-    the served predictions are the evaluated ones."""
-    chunks = []
-    for start in range(0, len(faces), batch_size):
-        batch = faces[start : start + batch_size]
-        if not tta_flip:
-            chunks.append(forward(batch))
-            continue
-        # the faces and their mirrors in one call: one dispatch instead of two per request
-        both = forward(np.concatenate([batch, batch[:, :, ::-1]]))
-        chunks.append((both[: len(batch)] + both[len(batch) :]) / 2)
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
-
-
 class FaceExpressionModel(mlflow.pyfunc.PythonModel):
     """The classifier's ONNX export behind an image-bytes interface (see the module docstring)."""
 
@@ -169,7 +120,8 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
         self.batch_size = batch_size
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        # ONNX Runtime, not Keras: 4x faster for one face, and no TensorFlow import to serve
+        # ONNX Runtime, not Keras: 4x faster for one face; TensorFlow loads only to detect faces
+        require_detector()  # any request may ask for detect_faces: fail here if it cannot run
         self.forward = OnnxForward(context.artifacts[ONNX_ARTIFACT])
         self.image_size = self.forward.image_size
         config = context.model_config or {}
@@ -200,8 +152,6 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
 
     def face(self, data: bytes, row: int) -> np.ndarray:
         """Encoded bytes to model input exactly as training decoded its images."""
-        from soundmood.data.images import ImageError, load_face
-
         try:
             return load_face(data, self.image_size, name=f"image[{row}]")
         except ImageError as exc:
@@ -222,60 +172,36 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
     def predict_photos(self, cells: list[object]) -> pd.DataFrame:
         """Full photos: classify every detected face and combine them into one row per photo
         (as `soundmood predict` does); a photo without a detected face is classified whole."""
-        from soundmood.data.images import ImageError, open_image, to_rgb
-
-        detector = face_detector()
-        if detector is None:
-            raise invalid_input(
-                f"{DETECT_FACES}=true, but this model was logged without a face "
-                "detector (soundmood.inference.detect_faces); send face crops "
-                f"with {DETECT_FACES}=false"
-            )
-        detect, combine = detector
         crops, owner, areas, counts = [], [], [], []
         for row, value in enumerate(cells):
             try:
                 photo = to_rgb(open_image(encoded_bytes(value, row), name=f"image[{row}]"))
             except ImageError as exc:
                 raise invalid_input(f"{exc}; send an encoded JPEG, PNG or WebP file") from exc
-            faces = detect(photo, self.inference_settings)
+            faces = detect_faces(photo, self.inference_settings)
             counts.append(len(faces))
             for face in faces or [photo]:
                 crops.append(self.face_input(face))
-                areas.append(float(getattr(face, "area", 1.0)))
+                areas.append(float(face.area) if isinstance(face, Face) else 1.0)
                 owner.append(row)
         probs = self.probabilities(np.stack(crops) if crops else None)
         owner_arr, areas_arr = np.asarray(owner), np.asarray(areas)
         weighting = (self.inference_settings or {}).get("mood", {}).get("weighting", "area")
         rows = [
-            combine(probs[owner_arr == row], areas_arr[owner_arr == row], weighting)
+            combine_mood(probs[owner_arr == row], areas_arr[owner_arr == row], weighting)
             for row in range(len(cells))
         ]
         return self.frame(np.stack(rows) if rows else probs, counts)
 
-    def face_input(self, face: Any) -> np.ndarray:
-        """A detected face (soundmood.inference.Face, or any crop image/array) as model input."""
-        from soundmood.data.images import resize
-
-        if hasattr(face, "crop") and callable(face.crop) and not hasattr(face, "mode"):
-            return face.crop(self.image_size)  # Face.crop resizes as training did
-        return resize(_as_image(face), self.image_size)
-
-
-def _as_image(crop: Any) -> Any:
-    """A detector's crop (PIL image or uint8 array) as an RGB PIL image."""
-    from PIL import Image
-
-    from soundmood.data.images import to_rgb
-
-    if not isinstance(crop, Image.Image):
-        crop = Image.fromarray(np.asarray(crop, dtype=np.uint8))
-    return to_rgb(crop)
+    def face_input(self, face: Face | Image.Image) -> np.ndarray:
+        """A detected face, or a whole photo that has none, as model input (resized as training
+        resized its crops)."""
+        if isinstance(face, Face):
+            return face.crop(self.image_size)
+        return resize(face, self.image_size)
 
 
 def signature(classes: list[str]) -> mlflow.models.ModelSignature:
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-
     inputs = Schema([ColSpec("binary", IMAGE_COLUMN)])
     outputs = Schema(
         [
@@ -290,6 +216,7 @@ def signature(classes: list[str]) -> mlflow.models.ModelSignature:
 
 
 def pip_requirements() -> list[str]:
+    """SERVING_PACKAGES pinned to the installed versions (what requirements.txt holds)."""
     pins = []
     for alternatives in SERVING_PACKAGES:
         for package in alternatives:
@@ -298,15 +225,16 @@ def pip_requirements() -> list[str]:
                 break
             except PackageNotFoundError:
                 continue
+        else:
+            raise RuntimeError(
+                f"the served model needs {' or '.join(alternatives)}, which is not installed "
+                "here; install the project (pip install -e .) before logging the model"
+            )
     return pins
 
 
 def encode_png(image: np.ndarray) -> bytes:
     """A uint8 RGB array as PNG bytes (lossless, so load_face returns the same pixels)."""
-    import io
-
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -327,8 +255,6 @@ def log_pyfunc(
     signature and an input example (PNG-encoded `examples`, uint8 RGB faces). `inference`:
     cfg.inference as a plain dict, for the detect_faces option (None: soundmood.inference's
     defaults)."""
-    import soundmood
-
     example = pd.DataFrame({IMAGE_COLUMN: [encode_png(x) for x in examples]})
     return mlflow.pyfunc.log_model(
         name=name,

@@ -4,21 +4,26 @@ and combine them into one mood per photo. `soundmood predict` and the served mod
 Stable API (docs/inference.md):
     detect_faces(image, settings=None) -> list[Face]
         image: PIL image (any mode) or HxWx3 uint8 RGB array, upright. Face: box (x, y, w, h),
-        confidence, landmarks, crop(size) -> uint8 (size, size, 3) model input;
+        confidence, landmarks, area, crop(size) -> uint8 (size, size, 3) model input;
         np.asarray(face) is the crop at RAF-DB's 100 px.
+    load_photo(path) -> the upright RGB photo, decoded as `soundmood predict` decodes it
     predict_photo(model, image, cfg) -> PhotoResult (faces with probabilities and label, mood)
+    combine_mood(probs, areas, weighting) -> one probability vector for the photo
     load_model(uri_or_path, cfg=None) -> the classifier: a Keras model (.keras file, keras
-        flavor) or, for the served pyfunc, its ONNX graph (serving.OnnxForward)
+        flavor) or, for the served pyfunc, its ONNX graph (soundmood.forward.OnnxForward)
+
+The command line (`soundmood predict`: collect_photos, predict_file, predict_cli) lives in
+soundmood.inference.command, which this package does not import: the served model imports
+soundmood.inference.detect and .mood, and must not load the CLI's rich and tqdm.
 """
 
-from soundmood.inference.command import collect_photos, load_photo, predict_cli, predict_file
-from soundmood.inference.detect import LANDMARKS, Face, crop_face, detect_faces
+from soundmood.inference.detect import LANDMARKS, Face, crop_face, detect_faces, load_photo
+from soundmood.inference.mood import combine_mood
 from soundmood.inference.predict import (
     FaceResult,
     ModelLoadError,
     PhotoResult,
     classify,
-    combine_mood,
     input_size,
     load_model,
     predict_photo,
@@ -33,7 +38,6 @@ __all__ = [
     "PhotoResult",
     "Settings",
     "classify",
-    "collect_photos",
     "combine_mood",
     "crop_face",
     "detect_faces",
@@ -41,7 +45,5 @@ __all__ = [
     "input_size",
     "load_model",
     "load_photo",
-    "predict_cli",
-    "predict_file",
     "predict_photo",
 ]

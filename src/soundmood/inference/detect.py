@@ -11,22 +11,32 @@ soundmood.data.images.resize, exactly as training resized RAF-DB's crops.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import threading
 from dataclasses import dataclass, field
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from soundmood.data.images import resize, to_rgb
+from soundmood.data.images import open_image, resize, to_rgb
 from soundmood.inference.settings import CropSettings, Settings, from_config
 
 # MTCNN's landmark names, in the order of crop.template (image-left eye first).
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 # MTCNN's P-Net window: a photo smaller than this on either side cannot hold a face.
 MIN_DETECTABLE_SIDE = 12
+# What MTCNN imports or runs with besides numpy and Pillow (import name -> distribution): it
+# imports tensorflow and joblib, and joblib reads its .lz4 weights with lz4.
+DETECTOR_MODULES = {
+    "mtcnn": "mtcnn",
+    "tensorflow": "tensorflow-cpu or tensorflow",
+    "joblib": "joblib",
+    "lz4": "lz4",
+}
 
 Box = tuple[int, int, int, int]
 
@@ -57,6 +67,24 @@ class Face:
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         crop = self.crop()
         return crop if dtype is None else crop.astype(dtype)
+
+
+def load_photo(path: str | Path) -> Image.Image:
+    """An upright RGB photo, decoded as `soundmood predict` and the served model decode it."""
+    return to_rgb(open_image(path))
+
+
+def require_detector() -> None:
+    """Raise ModuleNotFoundError naming every distribution detection needs that is not
+    installed. It only looks the modules up (no import: MTCNN's TensorFlow takes seconds), so
+    the served model calls it at load time and fails there, not on the first photo."""
+    missing = {m: d for m, d in DETECTOR_MODULES.items() if importlib.util.find_spec(m) is None}
+    if missing:
+        raise ModuleNotFoundError(
+            f"face detection (MTCNN) needs {', '.join(missing.values())}, which "
+            "this environment lacks; install the model's requirements.txt",
+            name=next(iter(missing)),
+        )
 
 
 def detect_faces(image: Image.Image | np.ndarray, settings: Any = None) -> list[Face]:
@@ -127,6 +155,7 @@ _DETECTOR_LOCK = threading.Lock()
 def _mtcnn() -> Any:
     """MTCNN with the weights inside the package named by absolute path (mtcnn would otherwise
     first look for pnet.lz4 etc. in the working directory)."""
+    # deferred: mtcnn imports TensorFlow (seconds); require_detector checks it is installed
     from mtcnn import MTCNN
     from mtcnn.stages import StageONet, StagePNet, StageRNet
 

@@ -14,9 +14,10 @@ from PIL import Image
 
 from soundmood.data.images import to_rgb
 from soundmood.errors import UserError
+from soundmood.forward import OnnxForward, tta_probabilities
 from soundmood.inference.detect import Box, Face, detect_faces
+from soundmood.inference.mood import combine_mood
 from soundmood.inference.settings import Settings, from_config
-from soundmood.serving import OnnxForward, tta_probabilities
 
 
 class ModelLoadError(UserError):
@@ -91,20 +92,6 @@ def classify(model: Any, crops: np.ndarray, tta_flip: bool) -> np.ndarray:
         return np.zeros((0, output_count(model)), dtype=np.float32)
     forward = model if isinstance(model, OnnxForward) else model.predict_on_batch
     return tta_probabilities(forward, crops, len(crops), tta_flip)
-
-
-def combine_mood(probs: np.ndarray, areas: np.ndarray, weighting: str) -> np.ndarray | None:
-    """One probability vector for the photo (None without faces).
-
-    area: mean weighted by box area (a face the photo is about outweighs one in the background);
-    uniform: plain mean; largest: the largest face alone.
-    """
-    if len(probs) == 0:
-        return None
-    if weighting == "largest":
-        return probs[int(np.argmax(areas))]
-    weights = np.asarray(areas, dtype=np.float64) if weighting == "area" else np.ones(len(probs))
-    return (weights[:, None] * probs).sum(axis=0) / weights.sum()
 
 
 def predict_photo(

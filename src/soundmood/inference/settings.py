@@ -14,9 +14,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from soundmood.config import ConfigError
+from soundmood.inference.mood import MOOD_WEIGHTINGS
 
 CROP_METHODS = ("align", "box")
-MOOD_WEIGHTINGS = ("area", "uniform", "largest")
 DETECTORS = ("mtcnn",)
 
 
