@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "params",
         help="compose conf/ into params.yaml (or --check that they agree)",
         description="Compose the Hydra config in conf/ (with optional overrides such as "
-        "profile=smoke or model=seed_cnn) and write params.yaml.",
+        "profile=smoke or model=seed_cnn), check it as the stages do and write params.yaml; "
+        "an unknown option or key, or an invalid value, exits 2 and leaves params.yaml as it "
+        "was.",
     )
     params.add_argument(
         "--check",
