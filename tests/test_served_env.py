@@ -28,7 +28,6 @@ from soundmood.serving import SERVING_PACKAGES, pip_requirements
 from tests.conftest import DATA_ROOT
 from tests.test_serving import build_tiny_model, log_in_run, tiny_config
 
-CLI_MODULES = ("soundmood.inference.command", "rich", "tqdm")
 # whose imports must be pinned: our code and the face detector's library (the libraries they
 # import bring their own requirements, which pip resolves from the pins)
 PINNED_IMPORTERS = ("soundmood", "mtcnn")

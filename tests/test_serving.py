@@ -127,7 +127,7 @@ def test_evaluate_scores_an_onnx_export_only_if_it_predicts_what_the_keras_model
     import keras
 
     from soundmood.evaluate import check_export, export_served
-    from soundmood.serving import OnnxForward
+    from soundmood.forward import OnnxForward
 
     keras_path, onnx_path = export_served(keras_model, tmp_path)
     forward = OnnxForward(onnx_path)
@@ -146,8 +146,8 @@ def test_evaluate_scores_an_onnx_export_only_if_it_predicts_what_the_keras_model
 def test_predict_loads_the_served_models_onnx_graph_and_gives_its_probabilities(store, keras_model):
     """`soundmood predict --model models:/...` runs the graph the service runs, not the .keras."""
     from soundmood.evaluate import predict_proba
+    from soundmood.forward import OnnxForward
     from soundmood.inference import classify, input_size, load_model
-    from soundmood.serving import OnnxForward
 
     cfg = tiny_config()
     uri = champion_store(keras_model, cfg)
