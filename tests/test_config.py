@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from soundmood.config import ConfigError, flatten, load, params_diff, validate
+from soundmood.config import flatten, load, params_diff, validate
+from soundmood.errors import ConfigError
 from tests.conftest import ROOT, compose_config
 
 

@@ -19,8 +19,8 @@ import yaml
 from PIL import Image
 from skimage import data as skdata
 
-from soundmood.config import ConfigError
 from soundmood.data.images import load_face
+from soundmood.errors import ConfigError
 from soundmood.inference import (
     ModelLoadError,
     Settings,

@@ -14,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from soundmood import robustness
-from soundmood.config import ConfigError
 from soundmood.data.images import load_face
 from soundmood.data.prepare import load_split
+from soundmood.errors import ConfigError
 from tests.conftest import compose_config
 
 CLASSES = ("angry", "happy", "neutral", "sad", "surprised")

@@ -285,7 +285,7 @@ def test_mirrored_strategy_only_with_several_gpus(monkeypatch: pytest.MonkeyPatc
 def test_stale_or_invalid_tuned_values_are_refused(
     tuned: str, message: str, tmp_path: Path, data_root: Path
 ) -> None:
-    from soundmood.config import ConfigError
+    from soundmood.errors import ConfigError
     from soundmood.train import apply_tuned
 
     cfg = smoke_config(tmp_path, data_root)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from soundmood import train, tune
-from soundmood.config import ConfigError
+from soundmood.errors import ConfigError
 from tests.conftest import ROOT, compose_config, smoke_config
 
 FAST = ["model.frozen_layers=140", "tune.subset_fraction=0.5"]

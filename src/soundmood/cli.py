@@ -214,10 +214,10 @@ def _record_timing(cfg: object, stage: str, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    from soundmood.config import ConfigError, load
+    from soundmood.config import load
     from soundmood.data.images import ImageError
     from soundmood.data.validate import DataValidationError
-    from soundmood.errors import UserError
+    from soundmood.errors import ConfigError, UserError
 
     try:
         if args.command == "params":

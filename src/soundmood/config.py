@@ -20,14 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from soundmood import fileio
+from soundmood.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
 CONFIG_DIR = "conf"
 CONFIG_NAME = "config"
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key."""
 
 
 def project_root() -> Path:

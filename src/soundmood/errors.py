@@ -8,6 +8,10 @@ class UserError(Exception):
     """Bad input from the user (a path, an argument, a file); the message names what was wrong."""
 
 
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
 class UnsafeFileError(UserError):
     """A path that is not a regular file we may read: a device, a pipe, a socket, a link that
     leaves its tree, or a file over the size we allow."""

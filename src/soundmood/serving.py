@@ -77,9 +77,8 @@ SERVING_PACKAGES = (
     ("numpy",),
     ("pandas",),
     ("pillow",),  # soundmood.data.images: decoding and resizing
-    ("omegaconf",),  # soundmood.inference.settings and soundmood.config
-    ("hydra-core",),  # soundmood.config, which settings imports for ConfigError
-    ("pyyaml",),  # soundmood.config's and omegaconf's
+    ("omegaconf",),  # soundmood.inference.settings
+    ("pyyaml",),  # omegaconf's
     ("antlr4-python3-runtime",),  # omegaconf's interpolation grammar
     ("mtcnn",),  # soundmood.inference.detect
     ("tensorflow-cpu", "tensorflow"),  # mtcnn's network

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from soundmood.data.images import IMAGE_SUFFIXES, ImageError, open_image, to_rgb
+from soundmood.data.images import IMAGE_SUFFIXES, ImageError
 from soundmood.errors import UserError
 from soundmood.inference import annotate
+from soundmood.inference.detect import load_photo
 from soundmood.inference.predict import PhotoResult, load_model, output_count, predict_photo
 from soundmood.inference.settings import Settings, from_config
 
@@ -58,7 +58,7 @@ def predict_file(
     """One photo's result, its annotated copy written to `target` (which must not exist; see
     annotate.plan); an unreadable file gives a result with `error` set."""
     try:
-        photo = to_rgb(open_image(path))
+        photo = load_photo(path)
     except ImageError as exc:
         return PhotoResult(str(path), error=_read_error(path, exc))
     except OSError as exc:  # a folder, no permission
@@ -151,8 +151,3 @@ def results_table(results: list[PhotoResult]) -> Table:
             r.path, str(len(r.faces)), mood, faces, f"{1000 * sum(r.seconds.values()):.0f}"
         )
     return table
-
-
-def load_photo(path: str | Path) -> Image.Image:
-    """An upright RGB photo, decoded as `soundmood predict` decodes it."""
-    return to_rgb(open_image(path))

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from soundmood.config import ConfigError
+from soundmood.errors import ConfigError
 from soundmood.inference.mood import MOOD_WEIGHTINGS
 
 CROP_METHODS = ("align", "box")
