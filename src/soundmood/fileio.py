@@ -28,6 +28,7 @@ from soundmood.errors import UnsafeFileError
 from soundmood.processes import is_alive
 
 PARTIAL_PREFIX = ".partial-"
+REPLACED = "replaced-"  # atomic_folder's name for the old folder while it swaps the new one in
 
 
 def partial_name(target: Path) -> Path:
@@ -53,6 +54,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     as it was and the temporary file is removed (or, after a kill, left hidden and ignored)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target.parent, target.name)  # a killed earlier write of this target
     partial = partial_name(target)
     try:
         yield partial
@@ -67,6 +69,49 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; when the block ends without an exception,
+    it replaces the folder `target` whole: the old folder is renamed aside, the new one renamed
+    in, then the old one removed. POSIX cannot rename a folder over a non-empty one, so a kill
+    leaves the old folder, the new one or, between the two renames, neither (the old one then
+    lies hidden beside it until remove_stale_partials); never a mix of the two. On an exception
+    `target` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target.parent, target.name)  # what a killed earlier swap left
+    partial = partial_name(target)
+    replaced = partial.with_name(f"{PARTIAL_PREFIX}{os.getpid()}-{REPLACED}{target.name}")
+    _remove(partial)
+    partial.mkdir()
+    try:
+        yield partial
+        _fsync(partial)
+        _fsync_folder(partial)
+        swapped = target.exists() or target.is_symlink()
+        if swapped:
+            os.rename(target, replaced)
+        try:
+            os.rename(partial, target)
+        except BaseException:
+            if swapped:  # put the old folder back rather than leave none
+                os.rename(replaced, target)
+            raise
+        _fsync_folder(target.parent)
+    finally:
+        _remove(partial)
+        _remove(replaced)
 
 
 def write_bytes(target: str | Path, data: bytes) -> Path:
@@ -86,13 +131,16 @@ def write_json(target: str | Path, value: Any, **dumps: Any) -> Path:
     return write_text(target, json.dumps(value, indent=2, **dumps) + "\n")
 
 
-def remove_stale_partials(folder: str | Path) -> None:
-    """Remove the temporary files killed writers left in `folder` (never a live writer's)."""
+def remove_stale_partials(folder: str | Path, target: str | None = None) -> None:
+    """Remove the temporary files (and folders) killed writers left in `folder`, never a live
+    writer's; with `target`, only those of writes to that name."""
     folder = Path(folder)
     if not folder.is_dir():
         return
     for path in folder.glob(f"{PARTIAL_PREFIX}*"):
-        pid = path.name.removeprefix(PARTIAL_PREFIX).split("-", 1)[0]
+        pid, _, name = path.name.removeprefix(PARTIAL_PREFIX).partition("-")
+        if target is not None and name not in (target, f"{REPLACED}{target}"):
+            continue
         if pid.isdigit() and not is_alive(int(pid)):
             _remove(path)
 

@@ -1,8 +1,13 @@
 """prepare stage: decode every image once into compact uint8 arrays and carve the validation split.
 
 Output (prepared/): <split>_x.npy (N x S x S x 3 uint8), <split>_y.npy (N int64) for train, val and
-test, and index.json (the source file and its md5 for every row, classes, sizes, data version).
-The same seed and config give byte-identical files.
+test, and index.json (the source file and its md5 for every row, classes, sizes, data version, and
+the shape, dtype and md5 of every array). The same seed and config give byte-identical files.
+
+All or nothing: the new folder is built beside prepared/ and swapped in by renames
+(fileio.atomic_folder), so a failure (exit 2), Ctrl-C or kill leaves the previous prepared/ as it
+was, and the next run clears what a killed one left. Every stage reads the arrays through
+`load_split`, which refuses any array that is not the one index.json describes.
 """
 
 from __future__ import annotations
@@ -18,8 +23,16 @@ from tqdm import tqdm
 
 from soundmood.data.images import load_face
 from soundmood.data.layout import Sample, data_version, list_split
+from soundmood.errors import UserError
+from soundmood.fileio import atomic_folder
 
 SPLIT_NAMES = ("train", "val", "test")
+INDEX_FILE = "index.json"
+RERUN = "rerun `soundmood prepare` (or `dvc repro prepare`)"
+
+
+class PreparedDataError(UserError):
+    """prepared/ is missing, incomplete, or holds arrays index.json does not describe."""
 
 
 def limit_per_class(samples: list[Sample], limit: int | None) -> list[Sample]:
@@ -36,7 +49,9 @@ def limit_per_class(samples: list[Sample], limit: int | None) -> list[Sample]:
 
 
 def file_md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
+    """md5 of a file, read in chunks (a prepared array can be most of a gigabyte)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def split_train_val(
@@ -60,17 +75,56 @@ def decode_all(samples: list[Sample], size: int, desc: str) -> np.ndarray:
     return out
 
 
+def load_index(prepared_dir: str | Path) -> dict:
+    """prepared/index.json, refused (PreparedDataError) when missing, unreadable or written by a
+    prepare that did not describe its arrays."""
+    path = Path(prepared_dir) / INDEX_FILE
+    if not path.is_file():
+        raise PreparedDataError(f"{path} is missing: {RERUN}")
+    try:
+        index = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PreparedDataError(f"{path} is not readable JSON ({exc}): {RERUN}") from exc
+    if not isinstance(index, dict) or not isinstance(index.get("arrays"), dict):
+        raise PreparedDataError(
+            f"{path} describes no arrays (written by an older prepare): {RERUN}"
+        )
+    return index
+
+
 def load_split(
     prepared_dir: str | Path, split: str, mmap: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 NxSxSx3, labels int64) of one prepared split."""
+    """(images uint8 NxSxSx3, labels int64) of one prepared split, each array checked against
+    index.json (md5, shape, dtype): a cut-off file, or one left by another prepare run, is
+    refused with a PreparedDataError naming it, never trained or scored on."""
     base = Path(prepared_dir)
-    mode = "r" if mmap else None
-    return np.load(base / f"{split}_x.npy", mmap_mode=mode), np.load(base / f"{split}_y.npy")
+    index = load_index(base)
+    return (
+        _load_array(base, f"{split}_x.npy", index, mmap),
+        _load_array(base, f"{split}_y.npy", index, False),
+    )
 
 
-def load_index(prepared_dir: str | Path) -> dict:
-    return json.loads((Path(prepared_dir) / "index.json").read_text())
+def _load_array(base: Path, name: str, index: dict, mmap: bool) -> np.ndarray:
+    path, described = base / name, index["arrays"].get(name)
+    if described is None:
+        raise PreparedDataError(f"{path}: not described by {base / INDEX_FILE}: {RERUN}")
+    if not path.is_file():
+        raise PreparedDataError(f"{path} is missing: {RERUN}")
+    digest = file_md5(path)
+    if digest != described["md5"]:
+        raise PreparedDataError(
+            f"{path} is not the array {base / INDEX_FILE} describes (md5 {digest}, expected "
+            f"{described['md5']}: cut off, or left by another prepare run): {RERUN}"
+        )
+    array = np.load(path, mmap_mode="r" if mmap else None)
+    if list(array.shape) != described["shape"] or str(array.dtype) != described["dtype"]:
+        raise PreparedDataError(
+            f"{path} holds {array.dtype} {list(array.shape)}, {base / INDEX_FILE} says "
+            f"{described['dtype']} {described['shape']}: {RERUN}"
+        )
+    return array
 
 
 def run(cfg: DictConfig) -> dict:
@@ -91,7 +145,6 @@ def run(cfg: DictConfig) -> dict:
         "val": [train_hashes[i] for i in val_idx],
         "test": [file_md5(s.path) for s in test],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     index = {
         "classes": classes,
         "image_size": data.image_size,
@@ -99,18 +152,28 @@ def run(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "counts": {},
         "files": {},
+        "arrays": {},
     }
-    for name in SPLIT_NAMES:
-        x = decode_all(splits[name], data.image_size, f"prepare {name}")
-        y = np.array([s.label for s in splits[name]], dtype=np.int64)
-        np.save(out_dir / f"{name}_x.npy", x)
-        np.save(out_dir / f"{name}_y.npy", y)
-        index["counts"][name] = {c: int((y == k).sum()) for k, c in enumerate(classes)}
-        index["files"][name] = [
-            [str(s.path.relative_to(root)), h]
-            for s, h in zip(splits[name], hashes[name], strict=True)
-        ]
-    (out_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    # built beside prepared/ and swapped in whole: any failure leaves the old folder untouched
+    # (and what a killed run left beside it is removed first)
+    with atomic_folder(out_dir) as building:
+        for name in SPLIT_NAMES:
+            x = decode_all(splits[name], data.image_size, f"prepare {name}")
+            y = np.array([s.label for s in splits[name]], dtype=np.int64)
+            for suffix, array in (("x", x), ("y", y)):
+                path = building / f"{name}_{suffix}.npy"
+                np.save(path, array)
+                index["arrays"][path.name] = {
+                    "shape": list(array.shape),
+                    "dtype": str(array.dtype),
+                    "md5": file_md5(path),
+                }
+            index["counts"][name] = {c: int((y == k).sum()) for k, c in enumerate(classes)}
+            index["files"][name] = [
+                [str(s.path.relative_to(root)), h]
+                for s, h in zip(splits[name], hashes[name], strict=True)
+            ]
+        (building / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
     sizes = ", ".join(f"{n} {len(splits[n])}" for n in SPLIT_NAMES)
     print(f"prepare: {sizes} images at {data.image_size}px -> {out_dir}/")
     return index
