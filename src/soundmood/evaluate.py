@@ -26,6 +26,7 @@ from sklearn.metrics import (
 
 from soundmood import robustness, serving, tracking
 from soundmood.data.prepare import load_split
+from soundmood.fileio import atomic_path, write_bytes, write_json
 from soundmood.train import MODEL_FILE
 
 matplotlib.use("Agg")
@@ -65,7 +66,8 @@ def confusion_png(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], ou
     display = ConfusionMatrixDisplay(cm, display_labels=classes)
     display.plot(cmap="Blues", colorbar=False, xticks_rotation=30)
     display.figure_.tight_layout()
-    display.figure_.savefig(out, dpi=120)
+    with atomic_path(out) as partial:
+        display.figure_.savefig(partial, dpi=120, format="png")
     matplotlib.pyplot.close(display.figure_)
 
 
@@ -78,18 +80,17 @@ def write_reports(
     classes: list[str],
 ) -> list[Path]:
     plots = reports / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
     paths = [
         reports / "metrics.json",
         reports / "classification_report.json",
         plots / "confusion.csv",
         plots / "confusion.png",
     ]
-    paths[0].write_text(json.dumps(metrics, indent=2) + "\n")
-    paths[1].write_text(json.dumps(report, indent=2) + "\n")
-    pd.DataFrame(
-        {"actual": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]}
-    ).to_csv(paths[2], index=False)
+    write_json(paths[0], metrics)
+    write_json(paths[1], report)
+    pairs = {"actual": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]}
+    with atomic_path(paths[2]) as partial:
+        pd.DataFrame(pairs).to_csv(partial, index=False)
     confusion_png(y_true, y_pred, classes, paths[3])
     return paths
 
@@ -100,8 +101,9 @@ def export_served(model: keras.Model, folder: Path) -> tuple[Path, Path]:
     keras_path, onnx_path = folder / MODEL_FILE, folder / ONNX_FILE
     served = keras.Model.from_config(model.get_config())  # uncompiled: no optimizer
     served.set_weights(model.get_weights())
-    served.save(keras_path)
-    onnx_path.write_bytes(serving.onnx_model(served))
+    with atomic_path(keras_path) as partial:
+        served.save(partial)
+    write_bytes(onnx_path, serving.onnx_model(served))
     return keras_path, onnx_path
 
 
@@ -190,11 +192,9 @@ def scored_and_logged(
         if curves.exists():
             mlflow.log_artifact(str(curves), artifact_path="evaluation")
         model_uri = log_model(model, cfg, x[:2], exported)
-    (reports / "evaluation.json").write_text(
-        json.dumps(
-            {"mlflow_run_id": run_id, "model_uri": model_uri, "test_images": len(y)}, indent=2
-        )
-        + "\n"
+    write_json(
+        reports / "evaluation.json",
+        {"mlflow_run_id": run_id, "model_uri": model_uri, "test_images": len(y)},
     )
     print(
         f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "

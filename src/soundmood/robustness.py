@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 import re
 import time
@@ -32,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from scipy import ndimage
 
+from soundmood import fileio
 from soundmood.config import ConfigError
 
 if TYPE_CHECKING:
@@ -390,11 +390,10 @@ def write_reports(result: Mapping[str, Any], reports_dir: str | Path) -> list[Pa
     changes), reports/plots/robustness.csv (one bar per condition, clean first) and a PNG chart."""
     reports = Path(reports_dir)
     paths = [reports / REPORT_FILE, reports / PLOT_CSV, reports / PLOT_PNG]
-    paths[1].parent.mkdir(parents=True, exist_ok=True)
     write_json(result, paths[0])
     rows = _bars(result)
-    paths[1].write_text(
-        "condition,accuracy\n" + "".join(f"{name},{acc:.4f}\n" for name, acc in rows)
+    fileio.write_text(
+        paths[1], "condition,accuracy\n" + "".join(f"{name},{acc:.4f}\n" for name, acc in rows)
     )
     _bar_chart(rows, paths[2])
     return paths
@@ -402,9 +401,7 @@ def write_reports(result: Mapping[str, Any], reports_dir: str | Path) -> list[Pa
 
 def write_json(result: Mapping[str, Any], path: Path) -> None:
     """The scores without their timing, so `dvc metrics diff` shows only model changes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metrics = {k: v for k, v in result.items() if k != "seconds"}
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    fileio.write_json(path, {k: v for k, v in result.items() if k != "seconds"})
 
 
 def _bars(result: Mapping[str, Any]) -> list[tuple[str, float]]:
@@ -430,7 +427,8 @@ def _bar_chart(rows: list[tuple[str, float]], out: Path) -> None:
     ax.set_xlabel("accuracy")
     ax.set_title("Accuracy per capture condition")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    with fileio.atomic_path(out) as partial:
+        fig.savefig(partial, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from soundmood import logit_adjustment, robustness, tracking
 from soundmood.config import ConfigError, validate
 from soundmood.data.prepare import load_index, load_split
+from soundmood.fileio import atomic_path, write_bytes, write_json, write_text
 from soundmood.models import backbone_of, build, set_backbone_trainable
 from soundmood.serving import Forward
 
@@ -424,7 +425,7 @@ def write_curves(path: Path, history: list[dict[str, float]]) -> None:
         for i, row in enumerate(history)
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, ("\n".join(lines) + "\n").encode())
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def training_fingerprint(
@@ -568,7 +569,7 @@ class TrainingCheckpoint:
         if progress.improved:  # the weights validation scored: the moving average, with EMA
             kept = averaged_variables(model) if uses_ema(model) else state
             _save_arrays(self.dir / f"best-{epoch}.npz", kept, [], phase)
-        _write_atomically(self.index, progress.to_json().encode())
+        write_text(self.index, progress.to_json())
         keep = {f"epoch-{epoch}.npz", f"best-{progress.best_epoch}.npz"}
         for leftover in self.dir.glob("*.npz"):
             if leftover.name not in keep:
@@ -587,7 +588,7 @@ def _save_arrays(
     named.update({f"optimizer_{i:04d}": a for i, a in enumerate(optimizer)})
     buffer = io.BytesIO()
     np.savez(buffer, phase=np.array(phase), **named)
-    _write_atomically(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def _load_arrays(path: Path) -> dict:
@@ -614,15 +615,6 @@ def _log_restored(history: list[dict[str, float]]) -> None:
     if mlflow.active_run():
         for epoch, row in enumerate(history):
             mlflow.log_metrics(row, step=epoch)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
 
 
 def apply_tuned(cfg: DictConfig) -> tuple[DictConfig, dict[str, object]]:
@@ -658,21 +650,6 @@ def config_digest(cfg: DictConfig) -> str:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     blob = json.dumps({key: resolved.get(key) for key in TRAINING_SECTIONS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def save_model_atomically(model: keras.Model, target: Path) -> None:
-    """Write to a temporary file beside the target, flush it to disk and rename it over the
-    target, so a killed run leaves the previous model or the new one, never half of one. The
-    rename also replaces a link into DVC's cache instead of writing through it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".partial-{os.getpid()}-{target.name}")
-    try:
-        model.save(partial)
-        with open(partial, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 VAL_ROBUSTNESS_FILE = "robustness_val.json"
@@ -763,7 +740,9 @@ def run(cfg: DictConfig) -> FitResult:
         )
         if adjusted:
             mlflow.log_metrics(adjusted)
-        save_model_atomically(result.model, Path(cfg.train.model_dir) / MODEL_FILE)
+        # a killed run leaves the previous model or the new one, never half of one
+        with atomic_path(Path(cfg.train.model_dir) / MODEL_FILE) as partial:
+            result.model.save(partial)
         run_id = active.info.run_id
     shutil.rmtree(work, ignore_errors=True)
     summary = {
@@ -775,10 +754,8 @@ def run(cfg: DictConfig) -> FitResult:
         "parameters": int(result.model.count_params()),
         **{k: round(v, 4) for k, v in adjusted.items()},
     }
-    (reports / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (reports / "train_run.json").write_text(
-        json.dumps({"mlflow_run_id": run_id, "tuned": tuned}, indent=2, default=str) + "\n"
-    )
+    write_json(reports / "train.json", summary)
+    write_json(reports / "train_run.json", {"mlflow_run_id": run_id, "tuned": tuned}, default=str)
     if adjustment is not None:
         print(
             f"train: logit adjustment tau {adjustment.tau:g} chosen on validation "

@@ -51,6 +51,7 @@ from soundmood.config import ConfigError, flatten, validate
 from soundmood.data.layout import data_version
 from soundmood.data.prepare import load_split
 from soundmood.errors import UserError
+from soundmood.fileio import write_json, write_text
 from soundmood.processes import is_alive
 
 OBJECTIVES = ("val_macro_f1", "val_accuracy")
@@ -985,16 +986,13 @@ def write_reports(
         "mlflow_run_id": run_id,
         "elapsed_seconds": round(elapsed, 1),
     }
-    reports = Path(cfg.evaluate.reports_dir)
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path(cfg.evaluate.reports_dir) / "tune.json", report)
     return report
 
 
 def _write_best_params(cfg: DictConfig, values: dict[str, Any]) -> None:
-    path = Path(cfg.tune.best_params_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(values, sort_keys=True) if values else "{}\n")
+    text = yaml.safe_dump(values, sort_keys=True) if values else "{}\n"
+    write_text(Path(cfg.tune.best_params_path), text)
 
 
 def write_disabled(cfg: DictConfig) -> dict[str, Any]:
@@ -1004,9 +1002,7 @@ def write_disabled(cfg: DictConfig) -> dict[str, Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
     report = {"enabled": False, "best_params": {}, "mlflow_run_id": None}
-    reports = Path(cfg.evaluate.reports_dir)
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path(cfg.evaluate.reports_dir) / "tune.json", report)
     print("tune: disabled (tune.enabled=false); train keeps the configured values")
     return report
 
