@@ -296,3 +296,23 @@ def test_register_stage_after_a_real_evaluate(
     report = json.loads((reports / "registry.json").read_text())
     assert (report["decision"], report["champion"]) == ("champion", 1)
     assert aliases(cfg) == {CHAMPION: "1"}
+
+
+def test_register_completes_a_version_a_killed_register_left_bare(cfg, keras_model):
+    """A version created without its tags, description or alias (what a register killed right
+    after creating it leaves, with a store that tags in separate calls): registering the same
+    model again completes that version instead of adding a second one, and keeps what it holds."""
+    run_id, uri = log_in_run(keras_model, cfg)
+    name, mlflow_client = cfg.registry.model_name, mlflow.MlflowClient()
+    mlflow_client.create_registered_model(name)
+    bare = mlflow_client.create_model_version(
+        name, uri, run_id, tags={Tag.GIT_COMMIT: "abc"}, model_id=registry.model_id_of(uri)
+    )
+    metrics = {"accuracy": 0.55, "macro_f1": 0.5, **{f"{c}_recall": 0.6 for c in CLASSES}}
+    tags = registry.version_tags(cfg, run_id, metrics, "md5-a", 250)
+    mv = registry.register(cfg, uri, run_id, tags)
+    assert str(mv.version) == str(bare.version)
+    assert [str(v.version) for v in registry.all_versions(name)] == [str(bare.version)]
+    assert mv.tags == {**tags, Tag.GIT_COMMIT: "abc"}  # completed; what it held is kept
+    assert mv.description == registry.describe(tags, Facts.from_tags(0, tags).metrics)
+    assert aliases(cfg) == {CHALLENGER: str(mv.version)}

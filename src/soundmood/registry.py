@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig
 
 from soundmood.errors import UserError
+from soundmood.fileio import write_json
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -304,6 +305,7 @@ def register(cfg: DictConfig, model_uri: str, run_id: str, tags: dict[str, str])
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    description = describe(tags, Facts.from_tags(0, tags).metrics)
     mv = existing_version(name, run_id, model_uri)
     if mv is None:
         mv = mlflow_client.create_model_version(
@@ -311,13 +313,36 @@ def register(cfg: DictConfig, model_uri: str, run_id: str, tags: dict[str, str])
             source=model_uri,
             run_id=run_id,
             tags=tags,
-            description=describe(tags, Facts.from_tags(0, tags).metrics),
+            description=description,
             model_id=model_id_of(model_uri),
         )
+    else:
+        complete_version(name, mv, tags, description)
     champion = alias_version(name, CHAMPION)
     if champion is None or str(champion.version) != str(mv.version):
         mlflow_client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    else:  # a promotion killed before it took challenger off the new champion
+        drop_challenger(name, mv.version)
     return get_version(name, mv.version)
+
+
+def complete_version(name: str, mv: Any, tags: dict[str, str], description: str) -> None:
+    """Give a version found again the tags and description a killed register may not have set
+    (a store that creates a version and tags it in separate calls). What it already holds is
+    kept: a re-run never rewrites how a version was recorded."""
+    mlflow_client, present = client(), mv.tags or {}
+    for key, value in tags.items():
+        if key not in present:
+            mlflow_client.set_model_version_tag(name, mv.version, key, value)
+    if not mv.description:
+        mlflow_client.update_model_version(name, mv.version, description=description)
+
+
+def drop_challenger(name: str, version: str) -> None:
+    """Remove the challenger alias if it points at `version` (which is now the champion)."""
+    challenger = alias_version(name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == str(version):
+        client().delete_registered_model_alias(name, CHALLENGER)
 
 
 def promote(cfg: DictConfig, version: int | str, force_reason: str | None = None) -> Decision:
@@ -355,9 +380,7 @@ def move_champion(name: str, version: str, previous: str, reason: str, forced: b
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value)
     mlflow_client.set_registered_model_alias(name, CHAMPION, version)
-    challenger = alias_version(name, CHALLENGER)
-    if challenger is not None and str(challenger.version) == str(version):  # not a challenger now
-        mlflow_client.delete_registered_model_alias(name, CHALLENGER)
+    drop_challenger(name, version)  # not a challenger now
 
 
 def rollback(cfg: DictConfig) -> tuple[str, str]:
@@ -482,8 +505,15 @@ def register_cli(cfg: DictConfig) -> int:
     )
     mv = register(cfg, evaluation["model_uri"], run_id, tags)
     current = alias_version(cfg.registry.model_name, CHAMPION)
+    gate_tags = mv.tags or {}
     if current is not None and str(current.version) == str(mv.version):  # a re-run
-        decision, outcome = Decision(False, f"version {mv.version} is the champion"), "champion"
+        if gate_tags.get(Tag.GATE) == "promoted" and gate_tags.get(Tag.GATE_REASON):
+            # the gate made it champion (this stage, perhaps a run killed before its report):
+            # report that decision, re-derived from the registry, as the first run would have
+            decision, outcome = Decision(True, gate_tags[Tag.GATE_REASON]), "promoted"
+        else:
+            decision = Decision(False, f"version {mv.version} is the champion")
+            outcome = "champion"
     elif cfg.registry.auto_promote:
         decision = promote(cfg, mv.version)
         outcome = "promoted" if decision.promote else "refused"
@@ -499,7 +529,7 @@ def register_cli(cfg: DictConfig) -> int:
         "champion": int(champion.version) if champion else None,
         "model_uri": f"models:/{cfg.registry.model_name}/{mv.version}",
     }
-    (reports / REGISTRY_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(reports / REGISTRY_REPORT, report)
     print(f"register: {cfg.registry.model_name} v{mv.version} {outcome}: {decision.reason}")
     return 0
 
