@@ -27,6 +27,7 @@ from sklearn.metrics import (
 from soundmood import robustness, serving, tracking
 from soundmood.data.prepare import load_split
 from soundmood.fileio import atomic_path, write_bytes, write_json
+from soundmood.forward import Forward, OnnxForward, onnx_model, tta_probabilities
 from soundmood.train import MODEL_FILE
 
 matplotlib.use("Agg")
@@ -36,12 +37,12 @@ EXPORT_TOLERANCE = 1e-4  # float32 kernels differ by ~1e-6; a broken conversion 
 
 
 def predict_proba(
-    model: keras.Model | serving.Forward, x: np.ndarray, batch_size: int, tta_flip: bool
+    model: keras.Model | Forward, x: np.ndarray, batch_size: int, tta_flip: bool
 ) -> np.ndarray:
     """Class probabilities of a Keras model or a Forward (the served ONNX graph); with
     `tta_flip` averaged with those of the mirrored faces."""
     forward = model.predict_on_batch if isinstance(model, keras.Model) else model
-    return serving.tta_probabilities(forward, x, batch_size, tta_flip)
+    return tta_probabilities(forward, x, batch_size, tta_flip)
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> tuple[dict, dict]:
@@ -103,11 +104,11 @@ def export_served(model: keras.Model, folder: Path) -> tuple[Path, Path]:
     served.set_weights(model.get_weights())
     with atomic_path(keras_path) as partial:
         served.save(partial)
-    write_bytes(onnx_path, serving.onnx_model(served))
+    write_bytes(onnx_path, onnx_model(served))
     return keras_path, onnx_path
 
 
-def check_export(model: keras.Model, forward: serving.Forward, faces: np.ndarray) -> None:
+def check_export(model: keras.Model, forward: Forward, faces: np.ndarray) -> None:
     """Refuse an ONNX graph that does not predict what the trained model predicts."""
     gap = float(np.abs(forward(faces) - model.predict_on_batch(faces)).max())
     if not gap <= EXPORT_TOLERANCE:  # NaN fails too
@@ -119,12 +120,12 @@ def check_export(model: keras.Model, forward: serving.Forward, faces: np.ndarray
 
 def served_forward(
     model: keras.Model, folder: Path, threads: int, check_faces: np.ndarray
-) -> serving.OnnxForward:
+) -> OnnxForward:
     """The served model's files written to `folder` (export_served) and a session over its ONNX
     graph, refused unless it predicts what `model` does on `check_faces`. evaluate scores the
     test split through it, train the validation split: about twice Keras' speed on 2 cores."""
     _, onnx_path = export_served(model, folder)
-    forward = serving.OnnxForward(onnx_path, threads=threads)
+    forward = OnnxForward(onnx_path, threads=threads)
     check_export(model, forward, check_faces)
     return forward
 

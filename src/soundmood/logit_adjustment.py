@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from scipy.special import softmax
 from sklearn.metrics import accuracy_score, f1_score
 
-from soundmood.serving import Forward, tta_probabilities
+from soundmood.forward import Forward, tta_probabilities
 
 TINY = np.finfo(np.float32).tiny  # a probability that underflowed to 0 stays finite in log space
 HEAD_LAYER = "probs"  # every builder in soundmood.models names its softmax Dense head so

@@ -32,7 +32,7 @@ from PIL import Image
 from scipy import ndimage
 
 from soundmood import fileio
-from soundmood.config import ConfigError
+from soundmood.errors import ConfigError
 
 if TYPE_CHECKING:
     import keras
@@ -330,7 +330,7 @@ def evaluate_conditions(
 ) -> dict[str, Any]:
     """Score the clean split and every configured condition of it.
 
-    `model`: a Keras model or a serving.Forward (evaluate passes the served ONNX graph).
+    `model`: a Keras model or a forward.Forward (evaluate passes the served ONNX graph).
     Predictions go through evaluate.predict_proba with evaluate.batch_size and evaluate.tta_flip,
     as the clean test score does; pass `clean_pred` (argmax labels) to reuse the clean pass.
     Returns {images, seconds, clean: scores, conditions: {name: scores}, worst_condition,

@@ -50,12 +50,7 @@ from PIL import Image
 
 import soundmood
 from soundmood.data.images import ImageError, load_face, open_image, resize, to_rgb
-
-# Forward and onnx_model (moved to soundmood.forward) are re-exported for the modules that still
-# import them, with OnnxForward and tta_probabilities, from here: evaluate, train, logit_adjustment
-from soundmood.forward import Forward as Forward
 from soundmood.forward import OnnxForward, tta_probabilities
-from soundmood.forward import onnx_model as onnx_model
 from soundmood.inference.detect import Face, detect_faces, require_detector
 from soundmood.inference.mood import combine_mood
 

@@ -29,11 +29,12 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from soundmood import logit_adjustment, robustness, tracking
-from soundmood.config import ConfigError, validate
+from soundmood.config import validate
 from soundmood.data.prepare import load_index, load_split
+from soundmood.errors import ConfigError
 from soundmood.fileio import atomic_path, write_bytes, write_json, write_text
+from soundmood.forward import Forward
 from soundmood.models import backbone_of, build, set_backbone_trainable
-from soundmood.serving import Forward
 
 # Training checkpoints, one folder per config and data version (tests point it elsewhere).
 WORK_DIR = Path(os.environ.get("SOUNDMOOD_WORK_DIR", ".work"))

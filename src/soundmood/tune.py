@@ -47,10 +47,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from soundmood import tracking, train
-from soundmood.config import ConfigError, flatten, validate
+from soundmood.config import flatten, validate
 from soundmood.data.layout import data_version
 from soundmood.data.prepare import load_split
-from soundmood.errors import UserError
+from soundmood.errors import ConfigError, UserError
 from soundmood.fileio import write_json, write_text
 from soundmood.processes import is_alive
 
