@@ -171,7 +171,7 @@ def assert_imported(out: Path, printed: str) -> None:
     assert rows["train"] == ["2"] * 5 + ["10"] and rows["test"] == ["1"] * 5 + ["5"]
     assert "dropped from train (not among data.classes): disgust 1, fear 1" in printed
     assert "dropped from test (not among data.classes): disgust 1" in printed
-    assert not list(out.parent.glob(f".{out.name}.import-*"))  # no staging left behind
+    assert not list(out.parent.glob(".partial-*"))  # no staging left behind
 
 
 def test_official_folder_via_the_console_script(tmp_path: Path, data_root: Path) -> None:

@@ -48,10 +48,11 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
+def atomic_path(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `target`; when the block ends without an exception, the file
     written there replaces `target` in one rename. On any exception (or a kill) `target` is left
-    as it was and the temporary file is removed (or, after a kill, left hidden and ignored)."""
+    as it was and the temporary file is removed (or, after a kill, left hidden and ignored).
+    With `replace=False` an existing `target` is never replaced: FileExistsError instead."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target.parent, target.name)  # a killed earlier write of this target
@@ -59,9 +60,25 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield partial
         _fsync(partial)
-        os.replace(partial, target)
+        if replace:
+            os.replace(partial, target)
+        else:
+            _link_new(partial, target)
     finally:
         _remove(partial)
+
+
+def _link_new(partial: Path, target: Path) -> None:
+    """Put `partial` at `target` only if nothing is there: a hard link refuses an existing name
+    (FileExistsError) where a rename would replace it."""
+    try:
+        os.link(partial, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        # a filesystem without hard links: still exclusive, though no longer atomic
+        with open(partial, "rb") as source, open(target, "xb") as copy:
+            shutil.copyfileobj(source, copy)
 
 
 def _remove(path: Path) -> None:
@@ -114,9 +131,10 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         _remove(replaced)
 
 
-def write_bytes(target: str | Path, data: bytes) -> Path:
-    """Replace `target` with `data` atomically."""
-    with atomic_path(target) as partial:
+def write_bytes(target: str | Path, data: bytes, *, replace: bool = True) -> Path:
+    """Replace `target` with `data` atomically (or, with `replace=False`, create it only if it
+    does not exist: FileExistsError otherwise)."""
+    with atomic_path(target, replace=replace) as partial:
         partial.write_bytes(data)
     return Path(target)
 

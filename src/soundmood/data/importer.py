@@ -29,9 +29,7 @@ import csv
 import io
 import os
 import re
-import shutil
 import stat
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -43,8 +41,7 @@ from omegaconf import DictConfig
 from soundmood.data.images import IMAGE_SUFFIXES, ImageError, open_bounded
 from soundmood.data.layout import RAFDB_LABEL_NAMES, SPLITS
 from soundmood.errors import UnsafeFileError, UserError
-from soundmood.fileio import file_kind, read_bounded
-from soundmood.processes import is_alive
+from soundmood.fileio import atomic_folder, file_kind, read_bounded
 
 OFFICIAL_LABEL_FILE = "list_patition_label.txt"  # sic: the official release's spelling
 OFFICIAL_LABEL_DIRS = ("EmoLabel", "EmotionLabel")
@@ -472,17 +469,10 @@ def import_rafdb(source_path: Path, out: Path, settings: Settings) -> Summary:
         if not problems and not kept:
             problems.append(f"{source.where}: no image of classes {', '.join(settings.classes)}")
         stop_if(problems, source.where)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(out)
-        staging = Path(
-            tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent)
-        )
-        try:
-            counts = _write_tree(source, kept, staging / "tree", settings)
+        replaced = out.exists()
+        with atomic_folder(out) as tree:  # a refused or killed import leaves --out as it was
+            counts = _write_tree(source, kept, tree, settings)
             check_out(out, source_path, settings.classes)  # again: the import took a while
-            replaced = _move_into_place(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     finally:
         source.close()
     dropped = {
@@ -572,18 +562,6 @@ def _overlaps(source: Path, out: Path) -> bool:
     return src == dst or dst in src.parents
 
 
-def _staging_prefix(out: Path) -> str:
-    return f".{out.name}.import-"
-
-
-def _remove_stale_staging(out: Path) -> None:
-    """A killed import leaves its staging folder; left there, `dvc add data` would take it in."""
-    for folder in out.parent.glob(f"{_staging_prefix(out)}*"):
-        pid = folder.name.removeprefix(_staging_prefix(out)).split("-")[0]
-        if pid.isdigit() and not is_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def _write_tree(
     source: Source, items: list[Item], tree: Path, settings: Settings
 ) -> dict[str, Counter]:
@@ -604,22 +582,6 @@ def _write_tree(
             counts[item.split][klass] += 1
     stop_if(problems, source.where)
     return counts
-
-
-def _move_into_place(staging: Path, out: Path) -> bool:
-    """Swap the finished tree in by renames; the previous tree is deleted only afterwards."""
-    tree = staging / "tree"
-    if not out.exists():
-        tree.rename(out)
-        return False
-    previous = staging / "previous"
-    out.rename(previous)
-    try:
-        tree.rename(out)
-    except OSError:
-        previous.rename(out)
-        raise
-    return True
 
 
 def stop_if(problems: list[str], where: str) -> None:

@@ -3,7 +3,6 @@ copies where they can never replace a photo or any other existing file."""
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 from pathlib import Path
@@ -126,37 +125,16 @@ def _output_path(source: Path, out_dir: Path, taken: set[Path]) -> Path:
 
 
 def save(image: Image.Image, target: Path) -> None:
-    """Write `image` to `target`, which must not exist: the encoded file is written beside it
-    under fileio's temporary name and hard-linked into place, which fails rather than replace
-    a file that appeared meanwhile (a race); a kill leaves no half-written copy under `target`."""
+    """Write `image` to `target`, which must not exist: a file that appeared meanwhile (a race)
+    is never replaced, and a kill leaves no half-written copy under `target`."""
     fmt = FORMATS[target.suffix]
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
     try:
-        _create_new(target, buffer.getvalue())
+        fileio.write_bytes(target, buffer.getvalue(), replace=False)
     except FileExistsError as exc:
         raise AnnotateError(
             f"--annotate: {target} appeared while predict ran; it was not overwritten"
         ) from exc
     except OSError as exc:
         raise AnnotateError(f"--annotate: cannot write {target}: {exc.strerror or exc}") from exc
-
-
-def _create_new(target: Path, data: bytes) -> None:
-    """Exclusive and atomic creation (fileio.atomic_path replaces, which a copy must not)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = fileio.partial_name(target)
-    try:
-        with open(partial, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(partial, target)  # FileExistsError if target exists: never replaces
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                raise
-            with open(target, "xb") as handle:  # no hard links here: exclusive, not atomic
-                handle.write(data)
-    finally:
-        partial.unlink(missing_ok=True)
