@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup repro test lint clean
+.PHONY: setup repro test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,9 @@ repro: setup  ## pull RAF-DB from the DVC remote and run the whole pipeline (def
 
 test: setup  ## the whole test suite, end-to-end smoke pipeline included
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest
+
+test-fast: setup  ## every test but those marked slow (end-to-end runs, kills, installs): a few minutes
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks

@@ -352,6 +352,7 @@ def test_predict_command_end_to_end(tmp_path: Path, models_dir: Path) -> None:
 # --- models from MLflow ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_model_loads_from_mlflow_uris(models_dir: Path, mlflow_uri: str) -> None:
     import mlflow
 

@@ -242,6 +242,7 @@ def test_other_test_data_is_refused_until_forced_with_a_reason(cfg, keras_model,
     assert "champion" in table and "challenger" not in table and "md5-b" in table
 
 
+@pytest.mark.slow
 def test_register_stage_after_a_real_evaluate(
     prepared_smoke: DictConfig, mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -103,6 +103,7 @@ def tracking_server(postgres_url: str, tmp_path: Path, monkeypatch: pytest.Monke
         server.stop()
 
 
+@pytest.mark.slow
 def test_register_promote_and_serve_through_a_postgres_backed_server(
     tracking_server, postgres_server: PostgresServer, postgres_url: str
 ):

@@ -77,6 +77,7 @@ def _weights(path: Path) -> list[np.ndarray]:
     return [np.asarray(w) for w in keras.saving.load_model(path, compile=False).get_weights()]
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_uninterrupted_result(
     prepared_smoke: DictConfig, tmp_path: Path
 ) -> None:
@@ -317,6 +318,7 @@ def test_checkpoint_fingerprint_covers_training_config_only() -> None:
     assert training_fingerprint(cfg, arrays, arrays, 3) != base
 
 
+@pytest.mark.slow
 def test_ema_keeps_the_moving_average_that_validation_scored(
     prepared_smoke: DictConfig, tmp_path: Path
 ) -> None:

@@ -98,6 +98,7 @@ def pruned_study(tmp_path_factory: pytest.TempPathFactory, prepared_smoke: DictC
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_pruning_happens_and_is_recorded(pruned_study: dict) -> None:
     study, report = pruned_study["study"], pruned_study["report"]
     states = counts(study)
@@ -124,6 +125,7 @@ def test_pruning_happens_and_is_recorded(pruned_study: dict) -> None:
     )
 
 
+@pytest.mark.slow
 def test_trials_are_nested_runs_under_the_parent(pruned_study: dict) -> None:
     study, report = pruned_study["study"], pruned_study["report"]
     client = MlflowClient(pruned_study["uri"])
@@ -156,6 +158,7 @@ def test_trials_are_nested_runs_under_the_parent(pruned_study: dict) -> None:
         assert child.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_best_params_are_handed_to_train(pruned_study: dict, tmp_path: Path) -> None:
     cfg, study, report = pruned_study["cfg"], pruned_study["study"], pruned_study["report"]
     best = yaml.safe_load(Path(cfg.tune.best_params_path).read_text())
@@ -242,6 +245,7 @@ def trials_of(cfg: DictConfig, log: Path) -> list:
     return load_study(cfg).get_trials(deepcopy=False)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_loses_and_repeats_nothing(
     tmp_path: Path, prepared_smoke: DictConfig
 ) -> None:

@@ -33,6 +33,7 @@ def pid_of(trial) -> int:
     return int(str(trial.user_attrs["worker"]).rpartition(":")[2])
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(
     tmp_path: Path,
     prepared_smoke: DictConfig,
@@ -79,6 +80,7 @@ def test_two_workers_share_one_study(
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_killed_workers_trials_are_failed_on_the_next_start(
     tmp_path: Path, prepared_smoke: DictConfig, postgres_url: str
 ) -> None:
