@@ -50,6 +50,20 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def isolated(
+    python: str | Path, script: str, cwd: Path, *args: str, timeout: int = 120
+) -> subprocess.CompletedProcess:
+    """`script` in an interpreter that ignores the user site, PYTHONPATH and this checkout."""
+    return subprocess.run(
+        [str(python), "-I", "-c", script, *args],
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 SERVED_PATH = textwrap.dedent("""
     import builtins, json, sys
 
@@ -86,14 +100,7 @@ def test_served_path_leaves_out_the_cli_and_imports_only_pinned_distributions(tm
     """What serving a detect_faces request imports, in a fresh interpreter (about 10 s: MTCNN
     imports TensorFlow)."""
     photo = face_photo(tmp_path / "photo.jpg")
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", SERVED_PATH, str(photo)],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = isolated(sys.executable, SERVED_PATH, tmp_path, str(photo))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["faces"] == 1
@@ -146,14 +153,7 @@ def test_load_fails_naming_a_missing_detector_package(tmp_path):
         except ModuleNotFoundError as exc:
             print(exc.name, "|", exc)
     """)
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = isolated(sys.executable, script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     name, _, message = result.stdout.strip().partition(" | ")
     assert name == "mtcnn"
@@ -214,14 +214,7 @@ def test_served_model_detects_faces_in_a_fresh_environment_from_its_requirements
         }}))
     """)
     start = time.perf_counter()
-    served = subprocess.run(
-        [str(python), "-I", "-c", script],
-        cwd=elsewhere,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    served = isolated(python, script, elsewhere, timeout=300)
     timings["load_and_predict_process_s"] = time.perf_counter() - start
     assert served.returncode == 0, served.stderr[-3000:]
     answer = json.loads(served.stdout.strip().splitlines()[-1])
@@ -238,14 +231,8 @@ def test_served_model_detects_faces_in_a_fresh_environment_from_its_requirements
     subprocess.run(
         [str(python), "-m", "pip", "uninstall", "-q", "-y", "lz4"], check=True, env=clean_env()
     )
-    broken = subprocess.run(
-        [str(python), "-I", "-c", f"import mlflow; mlflow.pyfunc.load_model({str(model_dir)!r})"],
-        cwd=elsewhere,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    load = f"import mlflow; mlflow.pyfunc.load_model({str(model_dir)!r})"
+    broken = isolated(python, load, elsewhere, timeout=300)
     assert broken.returncode != 0
     assert "face detection (MTCNN) needs lz4" in broken.stderr, broken.stderr[-3000:]
     print("fresh environment:", {k: round(v, 1) for k, v in timings.items()})

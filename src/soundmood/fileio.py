@@ -40,11 +40,16 @@ def _fsync(path: Path) -> None:
     """Flush a finished file (or every file of a finished folder) to disk before the rename."""
     paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for item in paths:
-        fd = os.open(item, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_entry(item)
+
+
+def _fsync_entry(path: Path) -> None:
+    """Flush one file's data, or one folder's entries (a rename in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -88,15 +93,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename in it) to disk."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def atomic_folder(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `target`; when the block ends without an exception,
@@ -115,7 +111,7 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     try:
         yield partial
         _fsync(partial)
-        _fsync_folder(partial)
+        _fsync_entry(partial)
         swapped = target.exists() or target.is_symlink()
         if swapped:
             os.rename(target, replaced)
@@ -125,7 +121,7 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
             if swapped:  # put the old folder back rather than leave none
                 os.rename(replaced, target)
             raise
-        _fsync_folder(target.parent)
+        _fsync_entry(target.parent)
     finally:
         _remove(partial)
         _remove(replaced)
