@@ -68,7 +68,9 @@ def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         default="data/raf-db-5class",
-        help="where to write the 5-class tree (default: %(default)s)",
+        help="where to write the 5-class tree (default: %(default)s); an existing folder is "
+        "replaced only when empty or holding an earlier import's tree, anything else is refused "
+        "(exit 2) and left as it was",
     )
 
 
