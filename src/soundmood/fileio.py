@@ -160,8 +160,9 @@ def remove_stale_partials(folder: str | Path, target: str | None = None) -> None
 
 
 def file_kind(mode: int) -> str:
-    """What a non-regular file is, in words, for an error message."""
+    """What a file is, in words, for an error message ("a file" for a regular one)."""
     for test, name in (
+        (stat.S_ISREG, "a file"),
         (stat.S_ISLNK, "a symbolic link"),
         (stat.S_ISDIR, "a folder"),
         (stat.S_ISFIFO, "a named pipe"),

@@ -51,8 +51,11 @@ def open_bounded(
         ) from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{label}: not a decodable image (no known image format)") from exc
-    except OSError as exc:  # truncated or corrupt data
-        raise ImageError(f"{label}: corrupt or truncated image ({exc})") from exc
+    except OSError as exc:
+        if exc.errno is not None and exc.strerror:  # the OS refused: missing, no permission...
+            reason = "does not exist" if isinstance(exc, FileNotFoundError) else exc.strerror
+            raise ImageError(f"{label}: {reason}") from exc
+        raise ImageError(f"{label}: corrupt or truncated image ({exc})") from exc  # PIL's own
     except (ValueError, SyntaxError, EOFError, IndexError, TypeError, ZeroDivisionError) as exc:
         # Malformed headers surface from PIL's format plugins as assorted exception types.
         raise ImageError(f"{label}: malformed image ({type(exc).__name__}: {exc})") from exc

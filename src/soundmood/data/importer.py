@@ -126,13 +126,13 @@ class FolderSource(Source):
             for name in [*dirnames, *filenames]:
                 path = base / name
                 entry = path.relative_to(root).as_posix()
-                mode = path.lstat().st_mode
-                if stat.S_ISLNK(mode):
+                info = path.lstat()
+                if stat.S_ISLNK(info.st_mode):
                     links.add(entry)
                 elif name in filenames:
-                    files[entry] = path.lstat().st_size
-                    if not stat.S_ISREG(mode):
-                        self.special[entry] = file_kind(mode)
+                    files[entry] = info.st_size
+                    if not stat.S_ISREG(info.st_mode):
+                        self.special[entry] = file_kind(info.st_mode)
             if len(files) > limits.max_archive_files:
                 raise ArchiveError(
                     f"{root}: more than data.limits.max_archive_files "
@@ -230,9 +230,8 @@ def open_source(path: Path, limits: Limits) -> Source:
         raise ArchiveError(f"{path}: no such file or folder")
     if path.is_dir():
         return FolderSource(path, limits)
-    mode = (
-        path.stat().st_mode
-    )  # the path the user typed may be a link; what it names must be a file
+    # the path the user typed may be a link; what it names must be a file
+    mode = path.stat().st_mode
     if not stat.S_ISREG(mode):  # zipfile would block on a pipe or read a device forever
         raise ArchiveError(f"{path}: is {file_kind(mode)}; expected a folder or a .zip archive")
     if zipfile.is_zipfile(path):
@@ -542,19 +541,16 @@ def foreign_entries(out: Path, classes: tuple[str, ...]) -> list[str]:
                 if stat.S_ISDIR(mode) and path.name in names:
                     visit(path, depth + 1)
                 else:
-                    kind = "a folder" if stat.S_ISDIR(mode) else _kind(mode)
-                    foreign.append(f"{path}: {kind}, not {what}")
+                    foreign.append(f"{path}: {file_kind(mode)}, not {what}")
             elif not stat.S_ISREG(mode):
-                foreign.append(f"{path}: {_kind(mode)} inside a class folder, not an image file")
+                foreign.append(
+                    f"{path}: {file_kind(mode)} inside a class folder, not an image file"
+                )
             elif path.suffix.lower() not in IMAGE_SUFFIXES:
                 foreign.append(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
 
     visit(out, 0)
     return foreign
-
-
-def _kind(mode: int) -> str:
-    return "a file" if stat.S_ISREG(mode) else file_kind(mode)
 
 
 def _overlaps(source: Path, out: Path) -> bool:

@@ -59,26 +59,13 @@ def predict_file(
     annotate.plan); an unreadable file gives a result with `error` set."""
     try:
         photo = load_photo(path)
-    except ImageError as exc:
-        return PhotoResult(str(path), error=_read_error(path, exc))
-    except OSError as exc:  # a folder, no permission
-        return PhotoResult(str(path), error=f"{path}: {exc.strerror or exc}")
+    except ImageError as exc:  # missing, a folder, no permission, corrupt: named as such
+        return PhotoResult(str(path), error=str(exc))
     result = predict_photo(model, photo, cfg, path=str(path), settings=settings)
     if target is not None:
         annotate.save(annotate.draw(photo, result, list(cfg.data.classes)), target)
         result.annotated = str(target)
     return result
-
-
-def _read_error(path: Path, exc: ImageError) -> str:
-    """Why a photo could not be read: an OS reason (missing, no permission) as itself, not as a
-    corrupt image."""
-    cause = exc.__cause__
-    if isinstance(cause, FileNotFoundError):
-        return f"{path}: does not exist"
-    if isinstance(cause, OSError) and cause.errno is not None and cause.strerror:
-        return f"{path}: {cause.strerror}"
-    return str(exc)
 
 
 def predict_cli(cfg: DictConfig, args: argparse.Namespace) -> int:
