@@ -8,7 +8,7 @@ tests/test_inference.py fails if the two drift apart.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -59,6 +59,11 @@ class LimitSettings:
 class Settings:
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     crop: CropSettings = field(default_factory=CropSettings)
+    # The model's top probability an answer needs to count as confident (not the detector's face
+    # score, detector.min_confidence). None: the threshold train chose on validation.
+    min_confidence: float | None = None
+    # Accuracy train asks of the confident answers when it chooses min_confidence.
+    confident_precision: float = 0.95
     mood: MoodSettings = field(default_factory=MoodSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
 
@@ -67,11 +72,17 @@ class Settings:
         return {f.name: _as_plain(getattr(self, f.name)) for f in fields(self)}
 
 
-def _as_plain(section: object) -> dict[str, Any]:
+def _as_plain(section: object) -> object:
     def plain(value: object) -> object:
         return [plain(v) for v in value] if isinstance(value, tuple) else value
 
+    if not is_dataclass(section):
+        return section  # a top-level scalar (min_confidence, confident_precision)
     return {f.name: plain(getattr(section, f.name)) for f in fields(section)}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _require(cond: bool, key: str, message: str) -> None:
@@ -131,6 +142,18 @@ def validate(settings: Settings) -> Settings:
         "must be an RGB triple of 0-255 ints",
     )
     _require(
+        settings.min_confidence is None
+        or (_is_number(settings.min_confidence) and 0 <= settings.min_confidence <= 1),
+        "min_confidence",
+        f"{settings.min_confidence!r} must be null (the threshold train chose) or a number in"
+        " [0, 1] (the model's top probability; the detector's score is detector.min_confidence)",
+    )
+    _require(
+        _is_number(settings.confident_precision) and 0 < settings.confident_precision <= 1,
+        "confident_precision",
+        f"{settings.confident_precision!r} must be a number in (0, 1]",
+    )
+    _require(
         settings.mood.weighting in MOOD_WEIGHTINGS,
         "mood.weighting",
         f"{settings.mood.weighting!r} is not one of {MOOD_WEIGHTINGS}",
@@ -160,9 +183,14 @@ def from_config(section: DictConfig | Mapping[str, Any] | Settings | None) -> Se
         "mood": MoodSettings,
         "limits": LimitSettings,
     }
-    unknown = sorted(set(values) - set(parts))
+    scalars = ("min_confidence", "confident_precision")
+    unknown = sorted(set(values) - set(parts) - set(scalars))
     if unknown:
-        raise ConfigError(f"inference: unknown sections {unknown}; known: {sorted(parts)}")
+        known = sorted([*parts, *scalars])
+        raise ConfigError(f"inference: unknown keys {unknown}; known: {known}")
     return validate(
-        Settings(**{name: _section(cls, values.get(name, {}), name) for name, cls in parts.items()})
+        Settings(
+            **{name: _section(cls, values.get(name, {}), name) for name, cls in parts.items()},
+            **{name: values[name] for name in scalars if name in values},
+        )
     )
