@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.special import softmax
 
 from soundmood.calibration import (
     calibration_scores,
     expected_calibration_error,
     fit_temperature,
+    fit_view_temperature,
     reliability,
     selective_curve,
     tempered,
+    tempered_views,
     threshold_for_precision,
 )
 
@@ -77,6 +80,25 @@ def test_fit_temperature_finds_the_temperature_that_calibrates() -> None:
     before = calibration_scores(overconfident, labels, 5)
     after = calibration_scores(tempered(overconfident, t), labels, 5)
     assert after["nll"] < before["nll"] and after["ece"] < before["ece"]
+
+
+def test_view_temperature_is_the_one_the_tta_average_realises() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0.0, 2.0, (4000, 5))
+    views = [logits + rng.normal(0.0, 1.0, logits.shape) for _ in range(2)]  # face, mirror
+    truth = tempered_views(views, 1.0)  # the labels are drawn from the views' average
+    labels = np.array([rng.choice(5, p=p / p.sum()) for p in truth])
+    one_view = tempered(softmax(views[0], axis=1), 0.7)  # one view: tempered's probabilities
+    np.testing.assert_allclose(tempered_views(views[:1], 0.7), one_view)
+    overconfident = [2.0 * v for v in views]
+    t = fit_view_temperature(overconfident, labels)
+    assert t == pytest.approx(2.0, rel=0.1)
+    before = calibration_scores(tempered_views(overconfident, 1.0), labels, 5)
+    after = calibration_scores(tempered_views(overconfident, t), labels, 5)
+    assert after["nll"] < before["nll"] and after["ece"] < before["ece"]
+    # a temperature fitted on the averaged probabilities fits another model than the folded one
+    averaged = fit_temperature(tempered_views(overconfident, 1.0), labels)
+    assert abs(averaged - t) > 0.05
 
 
 def test_selective_curve_and_threshold_by_hand() -> None:

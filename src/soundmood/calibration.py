@@ -9,10 +9,12 @@ expected calibration error nor a selective-accuracy curve.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from scipy.special import softmax
 from sklearn.metrics import log_loss
 
 ECE_BINS = 15  # equal-width bins of the top probability, as in Guo et al. (2017)
@@ -91,24 +93,44 @@ def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Probabilities with their logits divided by `temperature` (the argmax never changes).
     Works on probabilities because the served graph ends in a softmax: log p is the logit up to
     a per-row constant, which the softmax removes."""
-    logits = np.log(np.clip(np.asarray(probs, dtype=np.float64), EPSILON, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    return scaled / scaled.sum(axis=1, keepdims=True)
+    return tempered_views([_log(probs)], temperature)
+
+
+def tempered_views(views: Sequence[np.ndarray], temperature: float) -> np.ndarray:
+    """The view-averaged softmax of each view's logits divided by `temperature`: what a model
+    whose softmax head has its kernel and bias divided by `temperature` serves with flip TTA
+    (one softmax per view, then the mean). `views` are (N, C) logits, or log-probabilities,
+    which differ from them by a per-row constant the softmax removes."""
+    return np.mean(
+        [softmax(np.asarray(v, dtype=np.float64) / temperature, axis=1) for v in views], axis=0
+    )
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     """The one temperature that minimises the negative log-likelihood of `labels` (searched on
     log T, a convex one-dimensional problem)."""
+    return fit_view_temperature([_log(probs)], labels)
+
+
+def fit_view_temperature(views: Sequence[np.ndarray], labels: np.ndarray) -> float:
+    """The one temperature whose tempered_views best predict `labels` (least negative
+    log-likelihood, searched on log T in TEMPERATURE_BOUNDS): fitted on the views a TTA model
+    averages, it is the temperature the head folded with it realises, which a temperature
+    fitted on the averaged probabilities is not."""
     labels = np.asarray(labels)
+    views = [np.asarray(v, dtype=np.float64) for v in views]
 
     def nll(log_t: float) -> float:
-        scaled = tempered(probs, float(np.exp(log_t)))
+        scaled = tempered_views(views, float(np.exp(log_t)))
         return float(-np.mean(np.log(scaled[np.arange(len(labels)), labels] + EPSILON)))
 
     low, high = np.log(TEMPERATURE_BOUNDS)
     result = minimize_scalar(nll, bounds=(low, high), method="bounded")
     return float(np.exp(result.x))
+
+
+def _log(probs: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), EPSILON, 1.0))
 
 
 @dataclass(frozen=True)
