@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.error
@@ -108,7 +109,7 @@ def test_pyfunc_decodes_images_like_training_and_matches_the_keras_model(store, 
     png = encode_png(load_face(raf_jpeg("sad"), 100))  # a PNG (lossless copy of a RAF-DB face)
     out = model.predict(pd.DataFrame({"image": [jpeg, png]}))
 
-    assert list(out.columns) == [*cfg.data.classes, "label"]
+    assert list(out.columns) == [*cfg.data.classes, "label", "confident"]
     probs = out[list(cfg.data.classes)].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert set(out["label"]) <= set(cfg.data.classes)
@@ -235,6 +236,81 @@ def test_served_model_loads_without_this_repository_on_the_path(store, keras_mod
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["module"].startswith(str(local)), answer["module"]
     assert answer["row"]["label"] in tiny_config().data.classes
+
+
+def log_with_threshold(model, cfg: DictConfig, min_confidence: float | None) -> str:
+    """The served model logged with `min_confidence` as evaluate logs it (None: no threshold, as a
+    model logged before calibration); its runs:/ URI."""
+    from soundmood import serving, tracking
+    from soundmood.evaluate import export_served
+
+    tracking.setup(cfg)
+    with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:
+        keras_path, onnx_path = export_served(model, Path(tmp))
+        info = serving.log_pyfunc(
+            keras_path,
+            onnx_path,
+            list(cfg.data.classes),
+            cfg.evaluate.tta_flip,
+            cfg.evaluate.batch_size,
+            face_examples(),
+            min_confidence=min_confidence,
+        )
+    return info.model_uri
+
+
+def test_confident_column_follows_the_logged_threshold(store, keras_model):
+    """The same model logged at two thresholds: `confident` is top probability >= each, and a
+    model without one (logged before calibration) calls every row confident."""
+    cfg = tiny_config()
+    classes = list(cfg.data.classes)
+    images = pd.DataFrame({"image": [raf_jpeg(label, i) for label in classes for i in range(2)]})
+    untrusting = log_with_threshold(keras_model, cfg, None)
+    legacy = mlflow.pyfunc.load_model(untrusting)
+    assert legacy.metadata.flavors["python_function"]["config"]["min_confidence"] is None
+    out = legacy.predict(images)
+    tops = out[classes].to_numpy().max(axis=1)
+    assert out["confident"].dtype == bool and out["confident"].all()
+    assert len(set(np.round(tops, 6))) > 2, tops  # distinct tops: a threshold can split them
+
+    threshold = float(np.median(tops))
+    served = mlflow.pyfunc.load_model(log_with_threshold(keras_model, cfg, threshold))
+    assert served.metadata.flavors["python_function"]["config"]["min_confidence"] == threshold
+    split = served.predict(images)
+    np.testing.assert_allclose(split[classes].to_numpy(), out[classes].to_numpy(), atol=1e-6)
+    assert list(split["confident"]) == list(tops >= threshold)
+    assert split["confident"].any() and not split["confident"].all()
+    outputs = served.metadata.get_output_schema()
+    assert (
+        dict(zip(outputs.input_names(), outputs.input_types(), strict=True))["confident"].name
+        == "boolean"
+    )
+
+    with pytest.raises(ValueError, match=r"min_confidence 1\.5"):
+        log_with_threshold(keras_model, cfg, 1.5)
+
+
+def test_detect_faces_rows_are_confident_only_through_a_confident_face(store, keras_model):
+    """A photo whose one face is under the threshold keeps that face's probabilities with
+    confident false (predict reports no mood there); at threshold 0 it is confident."""
+    from PIL import Image
+
+    cfg = tiny_config()
+    photo = Image.new("RGB", (300, 240), (40, 90, 160))
+    face = Image.open(DATA_ROOT / "test" / "sad" / "test_0001_aligned.jpg").convert("RGB")
+    photo.paste(face.resize((160, 160)), (70, 40))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=95)
+    request = pd.DataFrame({"image": [buffer.getvalue()]})
+    rows = {}
+    for threshold in (0.0, 1.0):
+        model = mlflow.pyfunc.load_model(log_with_threshold(keras_model, cfg, threshold))
+        rows[threshold] = model.predict(request, params={"detect_faces": True}).iloc[0]
+    assert rows[0.0]["faces"] == rows[1.0]["faces"] == 1
+    assert bool(rows[0.0]["confident"]) is True and bool(rows[1.0]["confident"]) is False
+    probs = [rows[t][list(cfg.data.classes)].to_numpy(dtype=float) for t in (0.0, 1.0)]
+    assert probs[0].max() < 1.0  # the untrained model is unsure: threshold 1 is above it
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)
 
 
 # --- a real scoring server ----------------------------------------------------------------------

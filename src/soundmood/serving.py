@@ -5,8 +5,16 @@ Input: a DataFrame with a column `image` of encoded JPEG/PNG/WebP bytes. In a JS
 `mlflow models serve` they are base64 strings, e.g.
     {"dataframe_records": [{"image": "<base64>"}], "params": {"detect_faces": false}}
 (the signature declares `image` as binary, so the scoring server base64-decodes the column).
-Output: one row per image: a probability column per class (summing to 1) and `label`, the most
-probable class; with face detection on, also `faces`, how many faces the probabilities average.
+Output: one row per image: a probability column per class (summing to 1), `label`, the most
+probable class, and `confident`, whether the top probability reaches model_config
+["min_confidence"] (the threshold evaluate logged: the one train chose on validation so that
+confident answers reach inference.confident_precision accuracy, or inference.min_confidence when
+set); with face detection on, also `faces`, how many faces the probabilities average. A client
+should treat a row with confident false as "no answer" rather than act on its label.
+
+A model logged before calibration (issue 37) has no min_confidence in its model_config: it still
+loads and serves, and its `confident` column is true on every row, since no threshold was ever
+chosen for it (the same as min_confidence 0). Its probabilities are uncalibrated too.
 
 Decoding, RGB conversion and resizing happen here with soundmood.data.images, the code training
 used. The soundmood package is logged with the model (code_paths), so the model loads and serves
@@ -21,8 +29,10 @@ the face. For full photos it runs the code `soundmood predict` runs, with the cf
 logged in model_config["inference"]:
     soundmood.inference.detect.detect_faces(image, settings) -> faces (Face.crop(size), .area)
     soundmood.inference.mood.combine_mood(probs, areas, weighting) -> one vector per photo
-A photo with no face found is classified whole; the `faces` column says how many faces each
-row combines (0: the whole photo).
+A row combines the photo's confident faces when it has any (as `soundmood predict` does;
+confident: true), else all its faces (confident: false, where predict reports no mood). A photo
+with no face found is classified whole and is confident by its own top probability; the `faces`
+column says how many faces the photo has (0: the whole photo was classified).
 
 Its own environment: what this module imports (soundmood.forward, .data.images,
 .inference.detect and .mood, never the CLI's soundmood.inference.command with rich and tqdm)
@@ -52,11 +62,13 @@ import soundmood
 from soundmood.data.images import ImageError, load_face, open_image, resize, to_rgb
 from soundmood.forward import OnnxForward, tta_probabilities
 from soundmood.inference.detect import Face, detect_faces, require_detector
-from soundmood.inference.mood import combine_mood
+from soundmood.inference.mood import NO_THRESHOLD, combine_mood, confident
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 FACES_COLUMN = "faces"
+CONFIDENT_COLUMN = "confident"
+MIN_CONFIDENCE = "min_confidence"  # model_config key: the model's top-probability threshold
 KERAS_ARTIFACT = "keras_model"  # for retraining and `soundmood predict`; not loaded here
 ONNX_ARTIFACT = "onnx_model"  # what the served model runs
 DETECT_FACES = "detect_faces"
@@ -122,6 +134,9 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
         self.detect_faces_default = bool(config.get(DETECT_FACES, False))
         # cfg.inference as logged (None: soundmood.inference's defaults, which equal conf/)
         self.inference_settings = config.get(INFERENCE_SETTINGS)
+        # None: logged before calibration, no threshold known, every answer confident
+        logged = config.get(MIN_CONFIDENCE)
+        self.min_confidence = NO_THRESHOLD if logged is None else float(logged)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -156,16 +171,26 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         return tta_probabilities(self.forward, faces, self.batch_size, self.tta_flip)
 
-    def frame(self, probs: np.ndarray, faces: list[int] | None = None) -> pd.DataFrame:
+    def frame(
+        self,
+        probs: np.ndarray,
+        faces: list[int] | None = None,
+        sure: np.ndarray | None = None,
+    ) -> pd.DataFrame:
+        """The output rows; `sure`: each row's `confident` (default: its top probability
+        against the threshold)."""
         out = pd.DataFrame(probs.astype(np.float64), columns=self.classes)
         out[LABEL_COLUMN] = [self.classes[i] for i in probs.argmax(axis=1)] if len(probs) else []
+        sure = confident(probs, self.min_confidence) if sure is None else sure
+        out[CONFIDENT_COLUMN] = np.asarray(sure, dtype=bool)
         if faces is not None:
             out[FACES_COLUMN] = np.asarray(faces, dtype=np.int64)
         return out
 
     def predict_photos(self, cells: list[object]) -> pd.DataFrame:
         """Full photos: classify every detected face and combine them into one row per photo
-        (as `soundmood predict` does); a photo without a detected face is classified whole."""
+        (its confident faces when it has any, as `soundmood predict` does); a photo without a
+        detected face is classified whole."""
         crops, owner, areas, counts = [], [], [], []
         for row, value in enumerate(cells):
             try:
@@ -181,11 +206,14 @@ class FaceExpressionModel(mlflow.pyfunc.PythonModel):
         probs = self.probabilities(np.stack(crops) if crops else None)
         owner_arr, areas_arr = np.asarray(owner), np.asarray(areas)
         weighting = (self.inference_settings or {}).get("mood", {}).get("weighting", "area")
-        rows = [
-            combine_mood(probs[owner_arr == row], areas_arr[owner_arr == row], weighting)
-            for row in range(len(cells))
-        ]
-        return self.frame(np.stack(rows) if rows else probs, counts)
+        rows, sure = [], []
+        for row in range(len(cells)):
+            mine = owner_arr == row
+            keep = confident(probs[mine], self.min_confidence)
+            chosen = keep if keep.any() else np.ones_like(keep)
+            rows.append(combine_mood(probs[mine][chosen], areas_arr[mine][chosen], weighting))
+            sure.append(bool(keep.any()))
+        return self.frame(np.stack(rows) if rows else probs, counts, np.asarray(sure, dtype=bool))
 
     def face_input(self, face: Face | Image.Image) -> np.ndarray:
         """A detected face, or a whole photo that has none, as model input (resized as training
@@ -201,6 +229,7 @@ def signature(classes: list[str]) -> mlflow.models.ModelSignature:
         [
             *(ColSpec("double", name) for name in classes),
             ColSpec("string", LABEL_COLUMN),
+            ColSpec("boolean", CONFIDENT_COLUMN),
             ColSpec("long", FACES_COLUMN, required=False),
         ]
     )
@@ -244,11 +273,16 @@ def log_pyfunc(
     detect_faces: bool = False,
     inference: dict | None = None,
     name: str = "model",
+    min_confidence: float | None = None,
 ) -> mlflow.models.model.ModelInfo:
     """Log the served model to the active run: the .keras and .onnx files, this package, a
     signature and an input example (PNG-encoded `examples`, uint8 RGB faces). `inference`:
     cfg.inference as a plain dict, for the detect_faces option (None: soundmood.inference's
-    defaults)."""
+    defaults). `min_confidence`: the top probability a row needs for `confident` (evaluate
+    passes the threshold in force); None records no threshold: every row confident, as for a
+    model logged before calibration."""
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise ValueError(f"min_confidence {min_confidence!r} is not a probability in [0, 1]")
     example = pd.DataFrame({IMAGE_COLUMN: [encode_png(x) for x in examples]})
     return mlflow.pyfunc.log_model(
         name=name,
@@ -257,6 +291,10 @@ def log_pyfunc(
         code_paths=[str(Path(soundmood.__file__).parent)],
         signature=signature(classes),
         input_example=example,
-        model_config={DETECT_FACES: detect_faces, INFERENCE_SETTINGS: inference},
+        model_config={
+            DETECT_FACES: detect_faces,
+            INFERENCE_SETTINGS: inference,
+            MIN_CONFIDENCE: None if min_confidence is None else float(min_confidence),
+        },
         pip_requirements=pip_requirements(),
     )
