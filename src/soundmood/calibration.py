@@ -2,9 +2,10 @@
 and the coverage / selective-accuracy trade-off behind an honest "not sure".
 
 Pure numpy on (N, C) probabilities and integer labels, so evaluation, training and the registry
-share one definition of each figure. sklearn.metrics gives the log-loss; its Brier score halves
-the two-class case, so the multiclass sum is written out (one line), and it has no top-label
-expected calibration error nor a selective-accuracy curve.
+share one definition of each figure. sklearn.metrics' log-loss warns about float32 probabilities
+that miss a sum of one by rounding, and its Brier score halves the two-class case, so both are
+written out (a line each); it has no top-label expected calibration error nor a
+selective-accuracy curve.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import softmax
-from sklearn.metrics import log_loss
 
 ECE_BINS = 15  # equal-width bins of the top probability, as in Guo et al. (2017)
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -84,9 +84,17 @@ def calibration_scores(probs: np.ndarray, labels: np.ndarray, n_classes: int) ->
     onehot = np.eye(n_classes)[np.asarray(labels)]
     return {
         "ece": expected_calibration_error(probs, labels),
-        "nll": float(log_loss(labels, np.clip(probs, EPSILON, 1.0), labels=range(n_classes))),
+        "nll": negative_log_likelihood(probs, labels),
         "brier": float(np.mean(np.sum((probs - onehot) ** 2, axis=1))),
     }
+
+
+def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The mean -log probability of the true class (sklearn's log_loss, without its warning
+    that float32 probabilities do not sum to one exactly)."""
+    labels = np.asarray(labels)
+    picked = np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, EPSILON, 1.0))))
 
 
 def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -121,8 +129,7 @@ def fit_view_temperature(views: Sequence[np.ndarray], labels: np.ndarray) -> flo
     views = [np.asarray(v, dtype=np.float64) for v in views]
 
     def nll(log_t: float) -> float:
-        scaled = tempered_views(views, float(np.exp(log_t)))
-        return float(-np.mean(np.log(scaled[np.arange(len(labels)), labels] + EPSILON)))
+        return negative_log_likelihood(tempered_views(views, float(np.exp(log_t))), labels)
 
     low, high = np.log(TEMPERATURE_BOUNDS)
     result = minimize_scalar(nll, bounds=(low, high), method="bounded")
