@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from soundmood import registry
+from soundmood import model_card, registry
 from soundmood.errors import UserError
 from soundmood.registry import CHALLENGER, CHAMPION, Facts, Tag, gate
 from tests.conftest import compose_config
@@ -189,7 +189,7 @@ def test_versions_are_promoted_refused_and_rolled_back(cfg, keras_model):
         "test_macro_f1",
         "test_sad_recall",
     } <= set(mv.tags)
-    assert "Test macro-F1 0.5000" in mv.description
+    assert "macro-F1 0.5000 on 250 images" in mv.description  # the model card
     assert aliases(cfg) == {CHALLENGER: v1}
     assert registry.promote(cfg, v1).promote
     assert aliases(cfg) == {CHAMPION: v1}  # the challenger it was is now the champion
@@ -232,6 +232,9 @@ def test_other_test_data_is_refused_until_forced_with_a_reason(cfg, keras_model,
         registry.promote_cli(cfg, argparse.Namespace(version=99, force=False, reason=None))
     forced = argparse.Namespace(version=None, force=True, reason="test set relabelled")
     assert registry.promote_cli(cfg, forced) == 0  # --version defaults to the latest
+    shown = capsys.readouterr().out  # the diff against the champion, before the alias moves
+    assert shown.index(f"v{v2} (challenger)") < shown.index(f"v{v2} promoted to champion")
+    assert "would refuse: " in shown and "forced: test set relabelled" in shown
     assert aliases(cfg) == {CHAMPION: v2}
     tags = tags_of(cfg, v2)
     assert tags[Tag.FORCED] == "true" and tags[Tag.GATE] == "forced"
@@ -315,5 +318,5 @@ def test_register_completes_a_version_a_killed_register_left_bare(cfg, keras_mod
     assert str(mv.version) == str(bare.version)
     assert [str(v.version) for v in registry.all_versions(name)] == [str(bare.version)]
     assert mv.tags == {**tags, Tag.GIT_COMMIT: "abc"}  # completed; what it held is kept
-    assert mv.description == registry.describe(tags, Facts.from_tags(0, tags).metrics)
+    assert mv.description == model_card.description(name, mv.version, mv.tags, CLASSES)
     assert aliases(cfg) == {CHALLENGER: str(mv.version)}

@@ -45,6 +45,18 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reason", help="why a forced promotion is made (recorded as a tag)")
 
 
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--diff",
+        nargs="*",
+        metavar="VERSION",
+        help="compare version A with B side by side (per-class P/R/F1, capture conditions, "
+        "calibration, size, latency, deltas and the gate's verdict of A against B); a version "
+        "is a number or an alias (default: A challenger, B champion)",
+    )
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="photos (JPEG/PNG/WebP) or folders")
     p.add_argument(
@@ -116,7 +128,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "promote": Command(
         "soundmood.registry:promote_cli",
-        "move the champion alias to a version that passes the gate (or --force with --reason)",
+        "show a version against the champion (as `models --diff`), then move the champion "
+        "alias to it if it passes the gate (or --force with --reason)",
         arguments=_promote_args,
     ),
     "rollback": Command(
@@ -124,7 +137,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "models": Command(
         "soundmood.registry:models_cli",
-        "table of registered versions: aliases, metrics, data, commit",
+        "table of registered versions (aliases, metrics, data, commit), or --diff of two",
+        arguments=_models_args,
     ),
     "predict": Command(
         "soundmood.inference.command:predict_cli",

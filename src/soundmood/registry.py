@@ -26,39 +26,15 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
+from soundmood import model_card, version_diff
 from soundmood.errors import UserError
 from soundmood.fileio import write_json
+from soundmood.model_card import METRIC_PREFIX, RECALL_SUFFIX, ROBUST_PREFIX, Tag
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-METRIC_PREFIX = "test_"  # version tags test_<metric> hold reports/metrics.json
-ROBUST_PREFIX = "robust_"  # version tags robust_<condition>_<stat> hold reports/robustness.json
 KEY_METRIC = "macro_f1"
-RECALL_SUFFIX = "_recall"
 REGISTRY_REPORT = "registry.json"
-
-
-class Tag:
-    """Version tag names (one place, so the gate, the table and the docs agree)."""
-
-    GIT_COMMIT = "git_commit"
-    GIT_DIRTY = "git_dirty"
-    DATA_MD5 = "data_md5"
-    TEST_IMAGES = "n_test_images"
-    CONFIG_HASH = "config_hash"
-    PROFILE = "profile"
-    MODEL_NAME = "model_name"
-    RUN_ID = "mlflow_run_id"
-    GATE = "gate_decision"  # promoted | refused | forced
-    GATE_REASON = "gate_reason"
-    PROMOTED_AT = "promoted_at"
-    PROMOTED_BY = "promoted_by"
-    PREVIOUS_CHAMPION = "previous_champion"
-    PROMOTION_REASON = "promotion_reason"
-    FORCED = "promotion_forced"
-    ROLLED_BACK_AT = "rolled_back_at"
-    ROLLED_BACK_TO = "rolled_back_to"
-    RESTORED_AT = "restored_at"
 
 
 # --- the promotion gate: pure functions over what the registry knows -----------------------------
@@ -74,14 +50,7 @@ class Facts:
 
     @classmethod
     def from_tags(cls, version: str | int, tags: dict[str, str]) -> Facts:
-        metrics = {}
-        for key, value in tags.items():
-            if key.startswith(METRIC_PREFIX):
-                try:
-                    metrics[key.removeprefix(METRIC_PREFIX)] = float(value)
-                except ValueError:
-                    continue
-        return cls(str(version), metrics, dict(tags))
+        return cls(str(version), model_card.metric_tags(tags), dict(tags))
 
 
 class Decision(NamedTuple):
@@ -252,24 +221,6 @@ def aliases_by_version(name: str) -> dict[str, list[str]]:
     return found
 
 
-def describe(tags: dict[str, str], metrics: dict[str, float]) -> str:
-    """A one-paragraph description of a version, from what produced it and how it scored."""
-    recalls = ", ".join(
-        f"{k.removesuffix(RECALL_SUFFIX)} {v:.3f}"
-        for k, v in metrics.items()
-        if k.endswith(RECALL_SUFFIX)
-    )
-    dirty = " (uncommitted changes)" if tags.get(Tag.GIT_DIRTY) == "true" else ""
-    return (
-        f"{tags.get(Tag.MODEL_NAME, '?')} trained with profile {tags.get(Tag.PROFILE, '?')} "
-        f"at commit {tags.get(Tag.GIT_COMMIT, '?')[:12]}{dirty} on data "
-        f"{tags.get(Tag.DATA_MD5, '?')[:12]} (config {tags.get(Tag.CONFIG_HASH, '?')}). "
-        f"Test macro-F1 {metrics.get('macro_f1', float('nan')):.4f}, accuracy "
-        f"{metrics.get('accuracy', float('nan')):.4f}; recall per class: {recalls}. "
-        f"MLflow run {tags.get(Tag.RUN_ID, '?')}."
-    )
-
-
 def model_description(cfg: DictConfig) -> str:
     return (
         f"Facial expression of a face image: {', '.join(cfg.data.classes)}. Input: a "
@@ -305,37 +256,47 @@ def register(cfg: DictConfig, model_uri: str, run_id: str, tags: dict[str, str])
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    description = describe(tags, Facts.from_tags(0, tags).metrics)
     mv = existing_version(name, run_id, model_uri)
     if mv is None:
         mv = mlflow_client.create_model_version(
-            name,
-            source=model_uri,
-            run_id=run_id,
-            tags=tags,
-            description=description,
-            model_id=model_id_of(model_uri),
+            name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id_of(model_uri)
         )
     else:
-        complete_version(name, mv, tags, description)
+        complete_version(name, mv, tags)
     champion = alias_version(name, CHAMPION)
     if champion is None or str(champion.version) != str(mv.version):
         mlflow_client.set_registered_model_alias(name, CHALLENGER, mv.version)
     else:  # a promotion killed before it took challenger off the new champion
         drop_challenger(name, mv.version)
-    return get_version(name, mv.version)
+    return refresh_card(cfg, mv.version)
 
 
-def complete_version(name: str, mv: Any, tags: dict[str, str], description: str) -> None:
-    """Give a version found again the tags and description a killed register may not have set
-    (a store that creates a version and tags it in separate calls). What it already holds is
-    kept: a re-run never rewrites how a version was recorded."""
+def complete_version(name: str, mv: Any, tags: dict[str, str]) -> None:
+    """Give a version found again the tags a killed register may not have set (a store that
+    creates a version and tags it in separate calls). What it already holds is kept: a re-run
+    never rewrites how a version was recorded."""
     mlflow_client, present = client(), mv.tags or {}
     for key, value in tags.items():
         if key not in present:
             mlflow_client.set_model_version_tag(name, mv.version, key, value)
-    if not mv.description:
-        mlflow_client.update_model_version(name, mv.version, description=description)
+
+
+def refresh_card(cfg: DictConfig, version: str | int) -> Any:
+    """Make the version's model card (its description, and model_card.md among its run's
+    artifacts) say what its tags say now; returns the version. The card is a function of the
+    tags alone, so this is idempotent: a re-run after a kill, or after a promotion, converges.
+    The artifact is written first: a description already current means the artifact is too."""
+    name = cfg.registry.model_name
+    mv = get_version(name, version)
+    tags, classes = mv.tags or {}, list(cfg.data.classes)
+    wanted = model_card.description(name, mv.version, tags, classes)
+    if mv.description == wanted:
+        return mv
+    if mv.run_id:
+        card = model_card.render(name, mv.version, tags, classes)
+        client().log_text(mv.run_id, card, model_card.CARD_FILE)
+    client().update_model_version(name, mv.version, description=wanted)
+    return get_version(name, mv.version)
 
 
 def drop_challenger(name: str, version: str) -> None:
@@ -365,6 +326,7 @@ def promote(cfg: DictConfig, version: int | str, force_reason: str | None = None
         move_champion(
             name, candidate.version, champion.version if champion else "", decision.reason, forced
         )
+    refresh_card(cfg, candidate.version)  # the card shows the gate's decision and numbers
     return decision
 
 
@@ -435,7 +397,11 @@ def version_tags(
     data_md5: str,
     test_images: int | None = None,
     robust: dict[str, float] | None = None,
+    temperature: float | None = None,
 ) -> dict[str, str]:
+    """What a new version is tagged with: how it was made (git, data, config, profile, model),
+    metrics.json as test_<key>, robustness.json as robust_<condition>_<stat>, and the softmax
+    temperature train folded in. The gate, the model card and the diff read only these."""
     from soundmood import tracking
 
     git = tracking.git_state()
@@ -450,6 +416,8 @@ def version_tags(
     }
     if test_images is not None:
         tags[Tag.TEST_IMAGES] = str(test_images)
+    if temperature is not None:
+        tags[Tag.TEMPERATURE] = str(temperature)
     tags.update({f"{METRIC_PREFIX}{k}": str(v) for k, v in metrics.items()})
     tags.update({k: str(v) for k, v in (robust or {}).items()})
     return tags
@@ -475,7 +443,8 @@ def _read_json(path: Path, produced_by: str) -> dict:
 
 
 def robust_tags(reports: Path) -> dict[str, float]:
-    """robust_<condition>_{accuracy,macro_f1,min_recall} from reports/robustness.json, if any."""
+    """robust_<condition>_<stat> from reports/robustness.json, if any (accuracy, macro_f1,
+    min_recall, and ece, confident_coverage, confident_accuracy where evaluate scored them)."""
     from soundmood.robustness import REPORT_FILE, mlflow_metrics
 
     path = reports / REPORT_FILE
@@ -484,10 +453,22 @@ def robust_tags(reports: Path) -> dict[str, float]:
     return mlflow_metrics(json.loads(path.read_text()), ROBUST_PREFIX)
 
 
+def trained_temperature(reports: Path) -> float | None:
+    """The softmax temperature train folded into the model (train_run.json, else train.json)."""
+    for name in ("train_run.json", "train.json"):
+        path = reports / name
+        if path.exists():
+            value = json.loads(path.read_text()).get("temperature")
+            if value is not None:
+                return float(value)
+    return None
+
+
 def register_cli(cfg: DictConfig) -> int:
     """The `register` stage: register the evaluated model, then (registry.auto_promote) gate it.
     A refusal is an outcome, not a failure: the stage exits 0 and says why. reports/registry.json
-    records decision: promoted | refused | pending (auto_promote off) | champion (already)."""
+    records decision: promoted | refused | pending (auto_promote off) | champion (already).
+    The version's model card is (re)written last, so it shows the gate's decision."""
     from soundmood import tracking
 
     reports = Path(cfg.evaluate.reports_dir)
@@ -502,6 +483,7 @@ def register_cli(cfg: DictConfig) -> int:
         tested_data_version(cfg),
         evaluation.get("test_images"),
         robust_tags(reports),
+        trained_temperature(reports),
     )
     mv = register(cfg, evaluation["model_uri"], run_id, tags)
     current = alias_version(cfg.registry.model_name, CHAMPION)
@@ -520,6 +502,7 @@ def register_cli(cfg: DictConfig) -> int:
     else:
         decision = Decision(False, "registry.auto_promote is false: run `soundmood promote`")
         outcome = "pending"
+    refresh_card(cfg, mv.version)  # a run killed between the gate and the card left it stale
     champion = alias_version(cfg.registry.model_name, CHAMPION)
     report = {
         "name": cfg.registry.model_name,
@@ -535,7 +518,8 @@ def register_cli(cfg: DictConfig) -> int:
 
 
 def promote_cli(cfg: DictConfig, args: Any) -> int:
-    """`soundmood promote [--version N] [--force --reason ...]`; exits 1 when the gate refuses."""
+    """`soundmood promote [--version N] [--force --reason ...]`: prints the version against the
+    champion (the diff table), then runs the gate; exits 1 when the gate refuses."""
     from soundmood import tracking
 
     if args.force and not (args.reason or "").strip():
@@ -550,6 +534,8 @@ def promote_cli(cfg: DictConfig, args: Any) -> int:
         if not versions:
             raise UserError(f"model {name} has no registered versions: run `soundmood register`")
         version = versions[0].version
+    candidate = get_version(name, version)
+    version_diff.print_table(compare(cfg, candidate, alias_version(name, CHAMPION), as_table=True))
     decision = promote(cfg, version, args.reason.strip() if args.force else None)
     verdict = "promoted to champion" if decision.promote else "refused (aliases unchanged)"
     print(f"{name} v{version} {verdict}: {decision.reason}")
@@ -565,15 +551,65 @@ def rollback_cli(cfg: DictConfig, args: Any) -> int:
     return 0
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
+# --- what `soundmood models` shows --------------------------------------------------------------
+
+
+def resolve(name: str, ref: str) -> Any:
+    """A version named by number (`3`, `v3`) or alias (`champion`)."""
+    text = str(ref).strip()
+    if text.removeprefix("v").isdigit():
+        return get_version(name, text.removeprefix("v"))
+    mv = alias_version(name, text)
+    if mv is None:
+        known = ", ".join(sorted(client().get_registered_model(name).aliases)) or "none"
+        raise UserError(f"model {name} has no version or alias {text!r} (aliases: {known})")
+    return mv
+
+
+def compare(cfg: DictConfig, a: Any, b: Any | None, as_table: bool = False) -> Any:
+    """A against B (None: no champion): the diff as a rich table, or as a JSON-able dict.
+    The verdict is the gate's on A with B as the champion."""
+    name, classes = cfg.registry.model_name, list(cfg.data.classes)
+    aliases = aliases_by_version(name)
+
+    def side(mv: Any) -> version_diff.Side:
+        version = str(mv.version)
+        figures = model_card.figures(mv.tags or {}, classes)
+        return version_diff.Side(version, sorted(aliases.get(version, [])), figures)
+
+    first, second = side(a), side(b) if b is not None else None
+    decision = gate(version_facts(a), version_facts(b) if b is not None else None, cfg.registry)
+    rows = version_diff.rows(first.figures, second.figures if second else None)
+    if as_table:
+        title = f"{name}: v{first.version} against {second.label if second else 'no champion'}"
+        return version_diff.diff_table(title, first, second, rows, *decision)
+    return version_diff.as_json(first, second, rows, *decision)
+
+
+def version_entry(mv: Any, aliases: list[str], classes: list[str]) -> dict[str, Any]:
+    """One row of `soundmood models` (also its --json)."""
+    tags = mv.tags or {}
+    figures = model_card.figures(tags, classes)
+    created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
+    return {
+        "version": int(mv.version),
+        "aliases": sorted(aliases),
+        "created": created.strftime("%Y-%m-%d %H:%M"),
+        "macro_f1": figures.get(KEY_METRIC),
+        "accuracy": figures.get("accuracy"),
+        "min_recall": figures.clean_min_recall(),
+        "ece": figures.get("ece"),
+        "model": f"{tags.get(Tag.MODEL_NAME, '')}/{tags.get(Tag.PROFILE, '')}",
+        "data_md5": tags.get(Tag.DATA_MD5, ""),
+        "git_commit": tags.get(Tag.GIT_COMMIT, ""),
+        "gate": tags.get(Tag.GATE, ""),
+    }
 
 
 def models_cli(cfg: DictConfig, args: Any) -> int:
-    """A table of every version: aliases, test metrics, data md5, commit, gate decision."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """`soundmood models`: every version (aliases, test metrics, data md5, commit, gate);
+    `--diff [A] [B]`: A against B side by side (default: challenger against champion);
+    `--json`: the same as JSON."""
     from soundmood import tracking
 
     tracking.setup(cfg)
@@ -581,40 +617,26 @@ def models_cli(cfg: DictConfig, args: Any) -> int:
     versions = all_versions(name)
     if not versions:
         raise UserError(f"model {name} has no registered versions: run `soundmood register`")
+    as_json = bool(getattr(args, "json", False))
+    refs = getattr(args, "diff", None)
+    if refs is not None:
+        if len(refs) > 2:
+            raise UserError(f"--diff takes at most two versions (A B), not {len(refs)}")
+        a = resolve(name, refs[0] if refs else CHALLENGER)
+        b = resolve(name, refs[1] if len(refs) > 1 else CHAMPION)
+        if as_json:
+            print(json.dumps(compare(cfg, a, b), indent=2))
+        else:
+            version_diff.print_table(compare(cfg, a, b, as_table=True))
+        return 0
     aliases = aliases_by_version(name)
-    table = Table(title=f"{name} (registry {tracking.tracking_uri(cfg)})")
-    for column in (
-        "version",
-        "aliases",
-        "created",
-        "macro-F1",
-        "accuracy",
-        "min recall",
-        "model",
-        "data md5",
-        "commit",
-        "gate",
-    ):
-        table.add_column(column, justify="right" if column in ("version",) else "left")
-    for mv in versions:
-        facts = version_facts(mv)
-        recalls = [v for k, v in facts.metrics.items() if k.endswith(RECALL_SUFFIX)]
-        created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
-        tags = facts.tags
-        table.add_row(
-            str(mv.version),
-            ", ".join(sorted(aliases.get(str(mv.version), []))),
-            created.strftime("%Y-%m-%d %H:%M"),
-            _fmt(facts.metrics.get(KEY_METRIC)),
-            _fmt(facts.metrics.get("accuracy")),
-            _fmt(min(recalls) if recalls else None),
-            f"{tags.get(Tag.MODEL_NAME, '')}/{tags.get(Tag.PROFILE, '')}",
-            tags.get(Tag.DATA_MD5, "")[:8],
-            tags.get(Tag.GIT_COMMIT, "")[:8],
-            tags.get(Tag.GATE, ""),
-        )
-    console = Console()
-    if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
-        console = Console(width=160)
-    console.print(table)
+    entries = [
+        version_entry(mv, aliases.get(str(mv.version), []), list(cfg.data.classes))
+        for mv in versions
+    ]
+    if as_json:
+        print(json.dumps(entries, indent=2))
+    else:
+        title = f"{name} (registry {tracking.tracking_uri(cfg)})"
+        version_diff.print_table(version_diff.versions_table(title, entries))
     return 0
