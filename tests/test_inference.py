@@ -8,8 +8,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import keras
@@ -20,7 +23,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from soundmood.data.images import load_face
-from soundmood.errors import ConfigError
+from soundmood.errors import ConfigError, UserError
 from soundmood.inference import (
     ModelLoadError,
     Settings,
@@ -32,6 +35,7 @@ from soundmood.inference import (
     load_photo,
     predict_photo,
 )
+from soundmood.inference.predict import NO_THRESHOLD_KNOWN, resolve_min_confidence
 from soundmood.models import build
 from tests.conftest import ROOT, compose_config
 
@@ -99,6 +103,39 @@ def test_settings_defaults_equal_the_config_file() -> None:
     conf = yaml.safe_load((ROOT / "conf" / "inference" / "default.yaml").read_text())
     assert Settings().to_dict() == conf
     assert from_config(conf) == Settings()
+
+
+def test_min_confidence_and_confident_precision_are_checked_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"^inference\.min_confidence: 1\.5 must be null"):
+        from_config({"min_confidence": 1.5})
+    with pytest.raises(ConfigError, match=r"^inference\.confident_precision: 0 must be"):
+        from_config({"confident_precision": 0})
+    assert from_config({"min_confidence": None}).min_confidence is None
+    both = from_config({"min_confidence": 0.8, "confident_precision": 1})
+    assert both.min_confidence == 0.8 and both.detector.min_confidence == 0.9  # not the detector's
+
+
+def test_the_threshold_in_force(tmp_path: Path) -> None:
+    """inference.min_confidence overrides; else the served model's; else train.json's for a
+    .keras file; else none known (every answer confident)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {"inference": {"min_confidence": None}, "evaluate": {"reports_dir": str(tmp_path)}}
+    )
+    assert resolve_min_confidence(cfg, "m.keras", None).source == NO_THRESHOLD_KNOWN
+    (tmp_path / "train.json").write_text(json.dumps({"min_confidence": 0.7}))
+    assert resolve_min_confidence(cfg, "m.keras", None).value == 0.7
+    assert resolve_min_confidence(cfg, "models:/m@c", None).value == 0.0  # not this model's file
+    assert resolve_min_confidence(cfg, "models:/m@c", {"min_confidence": 0.4}).value == 0.4
+    assert resolve_min_confidence(cfg, "models:/m@c", {}).value == 0.0  # logged before calibration
+    cfg.inference.min_confidence = 0.2
+    for uri, served in (("m.keras", None), ("models:/m@c", {"min_confidence": 0.4})):
+        assert resolve_min_confidence(cfg, uri, served).value == 0.2
+    cfg.inference.min_confidence = None
+    (tmp_path / "train.json").write_text(json.dumps({"min_confidence": 7}))
+    with pytest.raises(UserError, match=r"train\.json: min_confidence 7 is not a probability"):
+        resolve_min_confidence(cfg, "m.keras", None)
 
 
 def test_bad_settings_name_the_key() -> None:
@@ -232,6 +269,38 @@ def test_photo_without_faces_has_null_mood(coarse: keras.Model, cfg) -> None:
     result = predict_photo(coarse, Image.fromarray(skdata.coffee()), cfg)
     assert result.faces == [] and result.mood is None and result.mood_probabilities is None
     assert result.to_json()["mood"] is None
+    assert result.to_json()["mood_reason"] == result.mood_reason == "no face found"
+
+
+def test_only_confident_faces_make_the_mood(coarse: keras.Model, data_root: Path, cfg) -> None:
+    """Faces under min_confidence are reported but left out of the mood; with none above it the
+    mood is null and the reason names the best face's probability and the threshold."""
+    photo, _ = group_photo([data_root / "test" / name for name in GROUP])
+    result = predict_photo(coarse, photo, cfg, min_confidence=0.9)
+    probs = np.array([[f.probabilities[c] for c in CLASSES] for f in result.faces])
+    tops = probs.max(axis=1)
+    sure = tops >= 0.9
+    assert [f.confident for f in result.faces] == list(sure)
+    assert 0 < sure.sum() < len(sure), tops  # GROUP's faces straddle 0.9 under coarse_model
+    areas = np.array([f.box[2] * f.box[3] for f in result.faces])[sure]
+    expected = (areas[:, None] * probs[sure]).sum(axis=0) / areas.sum()
+    assert np.allclose([result.mood_probabilities[c] for c in CLASSES], expected, atol=1e-6)
+    assert result.mood == CLASSES[int(expected.argmax())] and result.mood_reason is None
+
+    above = float(tops.max() + (1 - tops.max()) / 2)
+    none = predict_photo(coarse, photo, cfg, min_confidence=above)
+    assert len(none.faces) == len(GROUP) and not any(f.confident for f in none.faces)
+    assert none.mood is None and none.mood_probabilities is None
+    match = re.fullmatch(
+        r"no confident face: top probability (\S+) < min_confidence (\S+)", none.mood_reason
+    )
+    assert match, none.mood_reason
+    assert float(match[1]) == pytest.approx(tops.max(), abs=0.01) and match[1] != match[2]
+    line = none.to_json()
+    assert line["mood"] is None and line["mood_reason"] == none.mood_reason
+    assert line["min_confidence"] == above and [f["confident"] for f in line["faces"]] == [
+        False
+    ] * len(GROUP)
 
 
 def test_mood_rules() -> None:
@@ -258,14 +327,58 @@ def photo_folder(folder: Path, corrupt: bool = True) -> Path:
 
 
 def run_predict(
-    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    args: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    train_report: dict | None = None,
 ) -> tuple[int, list[dict], str]:
+    """`soundmood predict ARGS` in a project holding the committed params.yaml and, when given,
+    reports/train.json = `train_report` (never the checkout's own reports/)."""
     from soundmood.cli import main
 
-    monkeypatch.chdir(ROOT)  # params.yaml
-    code = main(["predict", *args])
+    with tempfile.TemporaryDirectory() as project, monkeypatch.context() as patch:
+        shutil.copy(ROOT / "params.yaml", project)
+        if train_report is not None:
+            (Path(project) / "reports").mkdir()
+            (Path(project) / "reports" / "train.json").write_text(json.dumps(train_report))
+        patch.chdir(project)
+        code = main(["predict", *args])
     out = capsys.readouterr()
-    return code, [json.loads(line) for line in out.out.splitlines() if line.strip()], out.err
+    lines = [json.loads(line) for line in out.out.splitlines() if line.strip().startswith("{")]
+    return code, lines, out.err + ("" if "--json" in args else out.out)
+
+
+def test_predict_withholds_the_mood_when_no_face_is_confident(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A .keras model judged at the min_confidence train chose (reports/train.json): the
+    astronaut's face (top probability 0.50 under coarse_model) is below 0.6, so no mood."""
+    folder = photo_folder(tmp_path / "photos", corrupt=False)
+    model = str(models_dir / "coarse.keras")
+    for train_report, astronaut_mood in (({"min_confidence": 0.6}, False), ({}, True)):
+        code, lines, _ = run_predict(
+            [str(folder), "--json", "--model", model], monkeypatch, capsys, train_report
+        )
+        assert code == 0
+        by_name = {Path(line["path"]).name: line for line in lines}
+        face = by_name["astronaut.png"]["faces"][0]
+        assert face["confident"] is astronaut_mood
+        assert (by_name["astronaut.png"]["mood"] in CLASSES) is astronaut_mood
+        assert by_name["coffee.jpg"]["mood_reason"] == "no face found"
+    line = run_predict(
+        [str(folder), "--json", "--model", model], monkeypatch, capsys, {"min_confidence": 0.6}
+    )[1][0]
+    top = max(face["probabilities"].values())
+    assert line["min_confidence"] == 0.6 and line["mood"] is None
+    assert (
+        line["mood_reason"] == f"no confident face: top probability {top:.2f} < min_confidence 0.60"
+    )
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps the table to the terminal otherwise
+    code, _, table = run_predict(
+        [str(folder), "--model", model], monkeypatch, capsys, {"min_confidence": 0.6}
+    )
+    assert code == 0 and "no confident face" in table and "(not confident)" in table
+    assert "min_confidence 0.60 (reports/train.json)" in table  # where the threshold came from
 
 
 def test_a_corrupt_file_is_named_and_the_batch_goes_on(
@@ -313,6 +426,9 @@ def test_predict_command_end_to_end(tmp_path: Path, models_dir: Path) -> None:
     """The installed `soundmood predict` in a fresh process: JSON lines and annotated copies."""
     folder = photo_folder(tmp_path / "photos", corrupt=False)
     out_dir = tmp_path / "annotated"
+    project = tmp_path / "project"  # params.yaml, and none of the checkout's reports/
+    project.mkdir()
+    shutil.copy(ROOT / "params.yaml", project)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
         [
@@ -327,7 +443,7 @@ def test_predict_command_end_to_end(tmp_path: Path, models_dir: Path) -> None:
             "--annotate",
             str(out_dir),
         ],
-        cwd=ROOT,
+        cwd=project,
         env=env,
         capture_output=True,
         text=True,

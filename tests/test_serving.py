@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from soundmood import registry
 from soundmood.data.images import load_face
+from soundmood.inference.predict import load_predictor
 from tests.conftest import DATA_ROOT, ROOT, compose_config
 
 SIZE = 32  # the smallest input that keeps the test fast; load_face resizes RAF-DB's 100 px
@@ -274,7 +275,8 @@ def test_confident_column_follows_the_logged_threshold(store, keras_model):
     assert len(set(np.round(tops, 6))) > 2, tops  # distinct tops: a threshold can split them
 
     threshold = float(np.median(tops))
-    served = mlflow.pyfunc.load_model(log_with_threshold(keras_model, cfg, threshold))
+    served_uri = log_with_threshold(keras_model, cfg, threshold)
+    served = mlflow.pyfunc.load_model(served_uri)
     assert served.metadata.flavors["python_function"]["config"]["min_confidence"] == threshold
     split = served.predict(images)
     np.testing.assert_allclose(split[classes].to_numpy(), out[classes].to_numpy(), atol=1e-6)
@@ -285,6 +287,10 @@ def test_confident_column_follows_the_logged_threshold(store, keras_model):
         dict(zip(outputs.input_names(), outputs.input_types(), strict=True))["confident"].name
         == "boolean"
     )
+
+    # `soundmood predict --model` on the served model judges at the threshold logged with it
+    assert load_predictor(served_uri, cfg)[1].value == threshold
+    assert load_predictor(untrusting, cfg)[1].value == 0.0  # none logged: every answer confident
 
     with pytest.raises(ValueError, match=r"min_confidence 1\.5"):
         log_with_threshold(keras_model, cfg, 1.5)

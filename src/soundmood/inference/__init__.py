@@ -7,10 +7,14 @@ Stable API (docs/inference.md):
         confidence, landmarks, area, crop(size) -> uint8 (size, size, 3) model input;
         np.asarray(face) is the crop at RAF-DB's 100 px.
     load_photo(path) -> the upright RGB photo, decoded as `soundmood predict` decodes it
-    predict_photo(model, image, cfg) -> PhotoResult (faces with probabilities and label, mood)
+    predict_photo(model, image, cfg, min_confidence=0.0) -> PhotoResult (faces with
+        probabilities, label and confident; the mood of the confident faces, or None with
+        mood_reason)
     combine_mood(probs, areas, weighting) -> one probability vector for the photo
     load_model(uri_or_path, cfg=None) -> the classifier: a Keras model (.keras file, keras
         flavor) or, for the served pyfunc, its ONNX graph (soundmood.forward.OnnxForward)
+    load_predictor(uri_or_path, cfg) -> (the classifier, Threshold: the min_confidence in force
+        and where it came from; resolve_min_confidence says the order)
 
 The command line (`soundmood predict`: collect_photos, predict_file, predict_cli) lives in
 soundmood.inference.command, which this package does not import: the served model imports
@@ -26,7 +30,9 @@ from soundmood.inference.predict import (
     classify,
     input_size,
     load_model,
+    load_predictor,
     predict_photo,
+    resolve_min_confidence,
 )
 from soundmood.inference.settings import Settings, from_config
 
@@ -45,5 +51,7 @@ __all__ = [
     "input_size",
     "load_model",
     "load_photo",
+    "load_predictor",
     "predict_photo",
+    "resolve_min_confidence",
 ]

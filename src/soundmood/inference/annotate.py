@@ -29,7 +29,8 @@ FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
 
 
 def draw(photo: Image.Image, result: PhotoResult, classes: list[str]) -> Image.Image:
-    """A copy of the (upright, RGB) photo with every face boxed and labelled, mood at the top."""
+    """A copy of the (upright, RGB) photo with every face boxed and labelled (a "?" after the
+    probability of a face that is not confident), the mood or why there is none at the top."""
     out = photo.convert("RGB")
     pen = ImageDraw.Draw(out)
     unit = max(1, round(max(out.size) / 400))  # line width and text size follow the photo size
@@ -41,12 +42,12 @@ def draw(photo: Image.Image, result: PhotoResult, classes: list[str]) -> Image.I
         _label(
             pen,
             (x, y),
-            f"{face.label} {face.probabilities[face.label]:.2f}",
+            f"{face.label} {face.probabilities[face.label]:.2f}" + ("" if face.confident else "?"),
             colour,
             font,
             above=True,
         )
-    mood = f"mood: {result.mood}" if result.mood else "mood: no face found"
+    mood = f"mood: {result.mood}" if result.mood else f"mood: none, {result.mood_reason}"
     _label(pen, (0, 0), mood, (20, 20, 20), font, above=False)
     return out
 

@@ -1,6 +1,12 @@
 """`soundmood predict PATH... [--model URI] [--annotate OUT_DIR] [--json]`.
 
-Exit codes: 0 when at least one photo was read (a photo without faces counts: mood null),
+Each face is judged confident or not at the min_confidence in force (predict.
+resolve_min_confidence: inference.min_confidence, else the served model's, else a .keras file's
+reports/train.json, else none: every answer confident); a photo's mood combines its confident
+faces, and is null with `mood_reason` when none is.
+
+Exit codes: 0 when at least one photo was read (a photo without (confident) faces counts: mood
+null),
 2 when every file failed to read, no photo was found, the model/config is unusable, or
 --annotate would replace or mix with existing files (refused before the model loads).
 Unreadable files are named on stderr (and in their JSON line / table row); the batch goes on.
@@ -24,7 +30,14 @@ from soundmood.data.images import IMAGE_SUFFIXES, ImageError
 from soundmood.errors import UserError
 from soundmood.inference import annotate
 from soundmood.inference.detect import load_photo
-from soundmood.inference.predict import PhotoResult, load_model, output_count, predict_photo
+from soundmood.inference.mood import NO_THRESHOLD
+from soundmood.inference.predict import (
+    PhotoResult,
+    Threshold,
+    load_predictor,
+    output_count,
+    predict_photo,
+)
 from soundmood.inference.settings import Settings, from_config
 
 
@@ -54,14 +67,18 @@ def predict_file(
     cfg: DictConfig,
     settings: Settings,
     target: Path | None = None,
+    min_confidence: float = NO_THRESHOLD,
 ) -> PhotoResult:
-    """One photo's result, its annotated copy written to `target` (which must not exist; see
-    annotate.plan); an unreadable file gives a result with `error` set."""
+    """One photo's result, its faces judged at `min_confidence`, its annotated copy written to
+    `target` (which must not exist; see annotate.plan); an unreadable file gives a result with
+    `error` set."""
     try:
         photo = load_photo(path)
     except ImageError as exc:  # missing, a folder, no permission, corrupt: named as such
         return PhotoResult(str(path), error=str(exc))
-    result = predict_photo(model, photo, cfg, path=str(path), settings=settings)
+    result = predict_photo(
+        model, photo, cfg, path=str(path), settings=settings, min_confidence=min_confidence
+    )
     if target is not None:
         annotate.save(annotate.draw(photo, result, list(cfg.data.classes)), target)
         result.annotated = str(target)
@@ -84,7 +101,7 @@ def predict_cli(cfg: DictConfig, args: argparse.Namespace) -> int:
         if args.annotate
         else [None] * len(photos)
     )
-    model = load_model(args.model, cfg)
+    model, threshold = load_predictor(args.model, cfg)
     _check_classes(model, list(cfg.data.classes), args.model)
     results = []
     bar = tqdm(
@@ -95,14 +112,14 @@ def predict_cli(cfg: DictConfig, args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     for path, target in zip(bar, targets, strict=True):
-        result = predict_file(model, path, cfg, settings, target)
+        result = predict_file(model, path, cfg, settings, target, threshold.value)
         if result.error:
             bar.write(f"error: {result.error}", file=sys.stderr)
         if args.json:
             bar.write(json.dumps(result.to_json()), file=sys.stdout)
         results.append(result)
     if not args.json:
-        Console().print(results_table(results))
+        Console().print(results_table(results, threshold))
     return 0 if any(r.error is None for r in results) else 2
 
 
@@ -115,8 +132,13 @@ def _check_classes(model: Any, classes: list[str], uri: str) -> None:
         )
 
 
-def results_table(results: list[PhotoResult]) -> Table:
-    table = Table(title="Mood per photo")
+def results_table(results: list[PhotoResult], threshold: Threshold | None = None) -> Table:
+    """The photos as rows; faces under the threshold are marked "(not confident)", and a photo
+    without a mood says why."""
+    title = "Mood per photo"
+    if threshold is not None:
+        title += f"\nmin_confidence {threshold.value:.2f} ({threshold.source})"
+    table = Table(title=title)
     for name, justify in (
         ("photo", "left"),
         ("faces", "right"),
@@ -129,9 +151,17 @@ def results_table(results: list[PhotoResult]) -> Table:
         if r.error:
             table.add_row(r.path, "", "[red]unreadable[/red]", f"[red]{r.error}[/red]", "")
             continue
-        mood = f"{r.mood} {r.mood_probabilities[r.mood]:.2f}" if r.mood else "-"
+        mood = (
+            f"{r.mood} {r.mood_probabilities[r.mood]:.2f}"
+            if r.mood
+            else f"- [yellow]({r.mood_reason})[/yellow]"
+        )
         faces = (
-            "\n".join(f"{f.label} {f.probabilities[f.label]:.2f} {tuple(f.box)}" for f in r.faces)
+            "\n".join(
+                f"{f.label} {f.probabilities[f.label]:.2f} {tuple(f.box)}"
+                + ("" if f.confident else " (not confident)")
+                for f in r.faces
+            )
             or "no face found"
         )
         table.add_row(

@@ -1,7 +1,9 @@
-"""Classify the faces of a photo and combine them into one mood; load the model to do it with."""
+"""Classify the faces of a photo and combine its confident ones into one mood; load the model to
+do it with, and find the threshold (min_confidence) its answers are trusted at."""
 
 from __future__ import annotations
 
+import json
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from soundmood.data.images import to_rgb
 from soundmood.errors import UserError
 from soundmood.forward import OnnxForward, tta_probabilities
 from soundmood.inference.detect import Box, Face, detect_faces
-from soundmood.inference.mood import combine_mood
+from soundmood.inference.mood import NO_THRESHOLD, confident, confident_mood
 from soundmood.inference.settings import Settings, from_config
 
 
@@ -30,12 +32,14 @@ class FaceResult:
     confidence: float  # detector score
     probabilities: dict[str, float]  # class -> probability (sums to 1)
     label: str  # the most probable class
+    confident: bool = True  # top probability >= the min_confidence in force
 
 
 @dataclass
 class PhotoResult:
-    """What `soundmood predict` reports for one photo. `mood` is None when no face was found,
-    `error` says why a file could not be read (then there are no faces either)."""
+    """What `soundmood predict` reports for one photo. `mood` is None when no face was found or
+    none was confident (`mood_reason` says which), `error` says why a file could not be read
+    (then there are no faces and no mood_reason either)."""
 
     path: str
     width: int = 0
@@ -43,6 +47,8 @@ class PhotoResult:
     faces: list[FaceResult] = field(default_factory=list)
     mood: str | None = None
     mood_probabilities: dict[str, float] | None = None
+    mood_reason: str | None = None  # why mood is None: "no face found", "no confident face: ..."
+    min_confidence: float | None = None  # the threshold the faces were judged at
     seconds: dict[str, float] = field(default_factory=dict)  # detect, classify
     error: str | None = None
     annotated: str | None = None
@@ -61,11 +67,14 @@ class PhotoResult:
                     "confidence": round(f.confidence, 4),
                     "label": f.label,
                     "probabilities": rounded(f.probabilities),
+                    "confident": f.confident,
                 }
                 for f in self.faces
             ],
             "mood": self.mood,
             "mood_probabilities": rounded(self.mood_probabilities),
+            "mood_reason": self.mood_reason,
+            "min_confidence": self.min_confidence,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
             "annotated": self.annotated,
             "error": self.error,
@@ -100,9 +109,13 @@ def predict_photo(
     cfg: DictConfig,
     path: str = "",
     settings: Settings | None = None,
+    min_confidence: float = NO_THRESHOLD,
 ) -> PhotoResult:
     """Detect the faces of `image`, classify each (cfg.data.classes, cfg.evaluate.tta_flip) and
-    combine them by cfg.inference.mood.weighting into the photo's mood."""
+    combine those whose top probability reaches `min_confidence` by
+    cfg.inference.mood.weighting into the photo's mood (None, with the reason, when none does).
+    `min_confidence`: see resolve_min_confidence; the default, no threshold known, trusts every
+    answer."""
     settings = settings or from_config(cfg.get("inference"))
     classes = list(cfg.data.classes)
     image = to_rgb(image)
@@ -111,14 +124,21 @@ def predict_photo(
     detected = time.perf_counter()
     probs = classify(model, _crops(faces, input_size(model)), bool(cfg.evaluate.tta_flip))
     classified = time.perf_counter()
-    mood = combine_mood(probs, np.array([f.area for f in faces]), settings.mood.weighting)
+    areas = np.array([f.area for f in faces], dtype=np.float64)
+    mood, reason = confident_mood(probs, areas, settings.mood.weighting, min_confidence)
+    sure = confident(probs, min_confidence)
     return PhotoResult(
         path=path,
         width=image.width,
         height=image.height,
-        faces=[_face_result(face, p, classes) for face, p in zip(faces, probs, strict=True)],
+        faces=[
+            _face_result(face, p, classes, bool(ok))
+            for face, p, ok in zip(faces, probs, sure, strict=True)
+        ],
         mood=None if mood is None else classes[int(np.argmax(mood))],
         mood_probabilities=None if mood is None else _named(mood, classes),
+        mood_reason=reason,
+        min_confidence=float(min_confidence),
         seconds={"detect": detected - start, "classify": classified - detected},
     )
 
@@ -133,10 +153,63 @@ def _named(probs: np.ndarray, classes: list[str]) -> dict[str, float]:
     return {name: float(p) for name, p in zip(classes, probs, strict=True)}
 
 
-def _face_result(face: Face, probs: np.ndarray, classes: list[str]) -> FaceResult:
+def _face_result(face: Face, probs: np.ndarray, classes: list[str], sure: bool) -> FaceResult:
     return FaceResult(
-        face.box, face.confidence, _named(probs, classes), classes[int(np.argmax(probs))]
+        face.box, face.confidence, _named(probs, classes), classes[int(np.argmax(probs))], sure
     )
+
+
+# --- the threshold ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The min_confidence predict judges answers at, and where it came from (shown with them)."""
+
+    value: float
+    source: str
+
+
+NO_THRESHOLD_KNOWN = "no threshold known: every answer confident"
+
+
+def resolve_min_confidence(cfg: DictConfig, uri: str, served: dict | None) -> Threshold:
+    """The top probability an answer needs to be confident, first found of:
+    cfg.inference.min_confidence when set (an explicit override);
+    the served pyfunc's model_config["min_confidence"] (`served`: that model_config, None for a
+    Keras model), so predict judges as the service does;
+    for a local .keras file, the min_confidence train chose, in <evaluate.reports_dir>/train.json
+    (the pipeline's last training: meant for its models/model.keras);
+    else NO_THRESHOLD (0): every answer confident."""
+    settings = from_config(cfg.get("inference"))
+    if settings.min_confidence is not None:
+        return Threshold(float(settings.min_confidence), "inference.min_confidence")
+    if served is not None:
+        logged = served.get("min_confidence")
+        if logged is None:  # a pyfunc logged before calibration: the service trusts every row
+            return Threshold(NO_THRESHOLD, f"{NO_THRESHOLD_KNOWN} (none logged with {uri})")
+        return Threshold(float(logged), f"logged with {uri}")
+    if Path(uri).suffix == ".keras":
+        report = Path(cfg.evaluate.reports_dir) / "train.json"
+        chosen = _train_threshold(report)
+        if chosen is not None:
+            return Threshold(chosen, str(report))
+    return Threshold(NO_THRESHOLD, NO_THRESHOLD_KNOWN)
+
+
+def _train_threshold(report: Path) -> float | None:
+    """train.json's min_confidence; None when the file or the key is missing (an older run)."""
+    try:
+        value = json.loads(report.read_text()).get("min_confidence")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"{report}: cannot read its min_confidence ({exc})") from exc
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise UserError(f"{report}: min_confidence {value!r} is not a probability in [0, 1]")
+    return float(value)
 
 
 # --- model loading --------------------------------------------------------------------------
@@ -149,11 +222,23 @@ def load_model(uri: str, cfg: DictConfig | None = None) -> Any:
     (soundmood.serving) its ONNX graph, the one evaluate scored and the service runs, is loaded
     as an OnnxForward (older pyfuncs without one: their .keras artifact). `cfg` points MLflow
     at the configured tracking store (MLFLOW_TRACKING_URI wins)."""
+    return _load(uri, cfg)[0]
+
+
+def load_predictor(uri: str, cfg: DictConfig) -> tuple[Any, Threshold]:
+    """The classifier behind `uri` (as load_model) and the threshold its answers are trusted at
+    (resolve_min_confidence)."""
+    model, served = _load(uri, cfg)
+    return model, resolve_min_confidence(cfg, uri, served)
+
+
+def _load(uri: str, cfg: DictConfig | None) -> tuple[Any, dict | None]:
+    """(model, the served pyfunc's model_config or None for a Keras model)."""
     path = Path(uri).expanduser()
     if path.suffix == ".keras" or path.is_file():
         if not path.is_file():
             raise ModelLoadError(f"--model {uri}: no such file")
-        return _checked(_load_keras(path, uri), uri)
+        return _checked(_load_keras(path, uri), uri), None
     if path.is_dir():
         return _from_mlflow_folder(path, uri)
     if "://" not in uri and ":/" not in uri:
@@ -175,7 +260,7 @@ def _download(uri: str, cfg: DictConfig | None) -> Path:
         raise ModelLoadError(f"--model {uri}: {exc}") from exc
 
 
-def _from_mlflow_folder(folder: Path, uri: str) -> Any:
+def _from_mlflow_folder(folder: Path, uri: str) -> tuple[Any, dict | None]:
     import yaml
 
     mlmodel = folder / "MLmodel"
@@ -185,13 +270,15 @@ def _from_mlflow_folder(folder: Path, uri: str) -> Any:
     if "keras" in flavors:
         import mlflow
 
-        return _checked(mlflow.keras.load_model(str(folder)), uri)
+        return _checked(mlflow.keras.load_model(str(folder)), uri), None
+    # the served pyfunc's model_config (detect_faces, inference, min_confidence)
+    served = (flavors.get("python_function") or {}).get("config") or {}
     graphs = sorted(folder.rglob("*.onnx"))  # the served pyfunc's artifacts
     if graphs:
-        return _checked_graph(graphs[0], uri)
+        return _checked_graph(graphs[0], uri), served
     saved = sorted(folder.rglob("*.keras"))
     if saved:
-        return _checked(_load_keras(saved[0], uri), uri)
+        return _checked(_load_keras(saved[0], uri), uri), served
     raise ModelLoadError(
         f"--model {uri}: an MLflow model with flavors {sorted(flavors)} and no "
         ".keras file; expected a SoundMood Keras or pyfunc model"
