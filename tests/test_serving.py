@@ -415,6 +415,7 @@ def test_champion_is_served_over_http_and_bad_input_gets_a_400(store, keras_mode
         row = json.loads(body)["predictions"][0]
         assert sum(row[c] for c in cfg.data.classes) == pytest.approx(1.0, abs=1e-5)
         assert row["label"] in cfg.data.classes
+        assert isinstance(row["confident"], bool)  # a JSON true/false, not a string or number
 
         split = {
             "dataframe_split": {
