@@ -81,11 +81,10 @@ def register_from_reports(cfg: DictConfig, model, quality: float) -> str:
     return str(json.loads((reports / "registry.json").read_text())["version"])
 
 
-@pytest.fixture
-def cfg(
-    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_root: Path
-) -> DictConfig:
-    monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) and reports go under tmp_path
+def store_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> DictConfig:
+    """The tiny model's config with reports and prepared/index.json (the data version) under
+    tmp_path, the gate's rules fixed here; run from tmp_path (the store's ./mlruns go there)."""
+    monkeypatch.chdir(tmp_path)
     config = tiny_config()
     config.evaluate.reports_dir = str(tmp_path / "reports")
     config.data.prepared_dir = str(tmp_path / "prepared")
@@ -95,6 +94,13 @@ def cfg(
     config.registry.min_class_recall = 0.5
     config.registry.min_condition_accuracy = 0.6
     return config
+
+
+@pytest.fixture
+def cfg(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_root: Path
+) -> DictConfig:
+    return store_config(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")

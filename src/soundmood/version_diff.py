@@ -99,11 +99,11 @@ def as_json(a: Side, b: Side | None, compared: list[Row], promote: bool, reason:
     }
 
 
-def _delta_text(row: Row) -> str:
+def _delta_text(row: Row, digits: int) -> str:
     delta = row.delta
     if delta is None:
         return MISSING
-    text = signed(delta)
+    text = signed(delta, digits)
     if delta == 0 or not row.better:
         return text
     improved = (delta > 0) == (row.better == HIGHER)
@@ -131,7 +131,7 @@ def diff_table(
             row.name,
             fmt(row.a, digits),
             fmt(row.b, digits),
-            _delta_text(row),
+            _delta_text(row, digits),
             end_section=False,
         )
         previous = row.section
