@@ -13,7 +13,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from soundmood import robustness
+from soundmood import calibration, robustness
 from soundmood.data.images import load_face
 from soundmood.data.prepare import load_split
 from soundmood.errors import ConfigError
@@ -203,6 +203,10 @@ def test_tight_crop_enlarges_the_centre(data_root: Path) -> None:
             "evaluate.conditions.jpeg_q5: unknown condition 'jepg'",
         ),
         ({"clean": {}}, "evaluate.conditions.clean: condition name"),
+        (
+            {"dark_confident": {"transform": "dark", "gamma": 2.2, "brightness": 0.5}},
+            "evaluate.conditions.dark_confident: condition name",
+        ),
     ],
 )
 def test_bad_condition_or_parameter_is_named(conditions: dict, key: str) -> None:
@@ -247,16 +251,42 @@ def test_evaluation_writes_and_logs_every_condition(
         compose_config(["model=seed_cnn"]).model, cfg.data.image_size, len(cfg.data.classes)
     )
     x, y = load_split(cfg.data.prepared_dir, "val")  # 30 faces: 10 passes of them stay quick
-    result = robustness.evaluate_conditions(model, x, y, cfg)
+    probs = predict_proba(model, x, cfg.evaluate.batch_size, cfg.evaluate.tta_flip)
+    threshold = float(np.median(probs.max(axis=1)))
+    seen: dict[str, np.ndarray] = {}
+    result = robustness.evaluate_conditions(
+        model, x, y, cfg, min_confidence=threshold, on_predicted=seen.__setitem__
+    )
 
     names = list(cfg.evaluate.conditions)
     assert list(result["conditions"]) == names and result["images"] == len(y)
-    clean = predict_proba(model, x, cfg.evaluate.batch_size, cfg.evaluate.tta_flip).argmax(1)
+    assert list(seen) == ["clean", *names]
+    np.testing.assert_allclose(seen["clean"], probs, atol=1e-6)
+    clean = probs.argmax(1)
     assert result["clean"]["accuracy"] == pytest.approx((clean == y).mean(), abs=1e-4)
-    reused = robustness.evaluate_conditions(model, x, y, cfg, clean_pred=clean)
+    reused = robustness.evaluate_conditions(
+        model, x, y, cfg, clean_probs=probs, min_confidence=threshold
+    )
     assert {k: v for k, v in reused.items() if k != "seconds"} == {
         k: v for k, v in result.items() if k != "seconds"
     }  # deterministic end to end
+    # calibration and the confident answers, per split, at the threshold
+    for name, scores in [("clean", result["clean"]), *result["conditions"].items()]:
+        kept = seen[name].max(axis=1) >= threshold
+        assert scores["confident_coverage"] == pytest.approx(kept.mean(), abs=1e-4), name
+        right = seen[name][kept].argmax(1) == y[kept]
+        expected = round(float(right.mean()), 4) if kept.any() else None
+        assert scores["confident_accuracy"] == expected, name
+        assert scores["ece"] == pytest.approx(
+            calibration.expected_calibration_error(seen[name], y), abs=1e-4
+        )
+    # only argmax labels for the clean pass (what train passes): its scores, no trust figures
+    labels_only = robustness.evaluate_conditions(model, x, y, cfg, clean_pred=clean)
+    assert labels_only["clean"] == {
+        k: v for k, v in result["clean"].items() if k not in robustness.TRUST_STATS
+    }
+    assert "confident_coverage" not in labels_only["conditions"]["grey"]  # no threshold given
+    assert labels_only["conditions"]["grey"]["ece"] == result["conditions"]["grey"]["ece"]
     recalls = recall_score(
         y, clean, labels=range(len(cfg.data.classes)), average=None, zero_division=0
     )
@@ -283,7 +313,10 @@ def test_evaluation_writes_and_logs_every_condition(
         robustness.log_to_mlflow(result, paths)
     logged = mlflow.get_run(run.info.run_id).data.metrics
     for name in names:
-        for stat in ("accuracy", "macro_f1", "min_recall"):
+        for stat in (*robustness.STATS, *robustness.TRUST_STATS):
+            if result["conditions"][name][stat] is None:  # no face reached the threshold
+                assert f"robust_{name}_{stat}" not in logged
+                continue
             assert logged[f"robust_{name}_{stat}"] == pytest.approx(
                 result["conditions"][name][stat]
             )
@@ -294,7 +327,7 @@ def test_evaluation_writes_and_logs_every_condition(
         for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "robustness")
     }
     assert artifacts == {"robustness.json", "robustness.csv", "robustness.png"}
-    # The gate reads the same figures back from the run.
+    # The gate reads the same figures back from the run (confident_accuracy is not a condition).
     assert robustness.condition_accuracies(logged) == {
         n: result["conditions"][n]["accuracy"] for n in names
     }
@@ -305,7 +338,16 @@ def test_evaluation_writes_and_logs_every_condition(
 
 def _result(accuracies: dict[str, float]) -> dict:
     scores = {
-        n: {"accuracy": a, "macro_f1": a, "min_recall": a / 2, "min_recall_class": "sad"}
+        n: {
+            "accuracy": a,
+            "macro_f1": a,
+            "min_recall": a / 2,
+            "min_recall_class": "sad",
+            # below every floor: robust_<n>_confident_accuracy must not read as a condition
+            "ece": 0.2,
+            "confident_coverage": 0.05,
+            "confident_accuracy": 0.1,
+        }
         for n, a in accuracies.items()
     }
     clean = {"accuracy": 0.85, "macro_f1": 0.8, "min_recall": 0.6, "min_recall_class": "angry"}
@@ -349,6 +391,8 @@ def test_condition_floor_refuses_below_and_names_the_condition() -> None:
     assert "dark 0.4200" in message and "jpeg 0.5800" in message and "grey" not in message
     assert "worst: dark" in message and "0.6000" in message
     flat = robustness.mlflow_metrics(result)  # as the registry reads a run's metrics
+    assert flat["robust_dark_confident_accuracy"] == 0.1
+    assert robustness.condition_accuracies(flat) == {"grey": 0.81, "dark": 0.42, "jpeg": 0.58}
     assert robustness.condition_floor_failure(flat, 0.6) == message
     assert robustness.condition_floor_failure(flat, 0.4) is None
     assert robustness.condition_floor_failure(result, 0.0) is None  # floor disabled

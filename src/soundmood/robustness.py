@@ -5,9 +5,10 @@ Two halves share one vocabulary of degradations (grey, low resolution, JPEG, dar
 rotation, loose and tight crops, shift):
 
 - evaluation: `evaluate.conditions` (name -> parameters) are deterministic, seeded transforms of a
-  prepared split (uint8 RGB, N x S x S x 3, any S), scored through evaluate's own predict path.
-  The same condition gives the same images on every run, so validation and test variants are
-  comparable across models. Results go to reports/robustness.json,
+  prepared split (uint8 RGB, N x S x S x 3, any S), predicted as evaluate predicts
+  (forward.tta_probabilities) and scored for accuracy, calibration (ECE) and the confident
+  answers' coverage and accuracy. The same condition gives the same images on every run, so
+  validation and test variants are comparable across models. Results go to reports/robustness.json,
   reports/plots/robustness.{csv,png} and MLflow.
 - training: `augmentation_layers(train.augment)` adds random versions of the same degradations as
   Keras layers for the batched float32 [0, 255] tf.data map of train.make_dataset.
@@ -30,9 +31,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from scipy import ndimage
+from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 from soundmood import fileio
+from soundmood.calibration import expected_calibration_error, selective_curve
 from soundmood.errors import ConfigError
+from soundmood.forward import tta_probabilities
 
 if TYPE_CHECKING:
     import keras
@@ -41,6 +45,8 @@ CONDITIONS_KEY = "evaluate.conditions"
 AUGMENT_KEY = "train.augment"
 CLEAN = "clean"
 RESERVED_NAMES = (CLEAN, "worst", "mean")  # would collide with summary metric names
+# nor may a name end so: robust_<name>_confident_accuracy is a trust figure, not an accuracy
+_CONFIDENT = "_confident"
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 # ITU-R BT.601 luma, as PIL's convert("L") and tf.image.rgb_to_grayscale use.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -269,10 +275,11 @@ def parse_conditions(
 
 
 def _parse_condition(name: str, params: Any, key: str) -> Condition:
-    if not NAME_PATTERN.match(name) or name in RESERVED_NAMES:
+    if not NAME_PATTERN.match(name) or name in RESERVED_NAMES or name.endswith(_CONFIDENT):
         raise ConfigError(
-            f"{key}: condition name {name!r} must match [a-z][a-z0-9_]* and not be "
-            f"one of {', '.join(RESERVED_NAMES)}"
+            f"{key}: condition name {name!r} must match [a-z][a-z0-9_]*, not be one of "
+            f"{', '.join(RESERVED_NAMES)} and not end in {_CONFIDENT} (its metrics would read "
+            "as another condition's)"
         )
     params = dict(params or {})
     transform = str(params.pop("transform", name))
@@ -307,18 +314,41 @@ def check_config(cfg: DictConfig) -> list[Condition]:
 
 
 def condition_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1 and the lowest per-class recall (with its class), as evaluate scores."""
-    from soundmood.evaluate import score
-
-    flat, _ = score(y_true, y_pred, classes)
-    recalls = {name: flat[f"{name}_recall"] for name in classes}
-    weakest = min(recalls, key=recalls.__getitem__)
+    """Accuracy, macro-F1 and the lowest per-class recall (with its class), to 4 decimals as
+    evaluate.score gives them."""
+    labels = list(range(len(classes)))
+    recalls = np.round(
+        recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0), 4
+    )
+    weakest = int(np.argmin(recalls))  # the first of equals
     return {
-        "accuracy": flat["accuracy"],
-        "macro_f1": flat["macro_f1"],
-        "min_recall": recalls[weakest],
-        "min_recall_class": weakest,
+        "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
+        "macro_f1": round(float(f1_score(y_true, y_pred, average="macro", zero_division=0)), 4),
+        "min_recall": float(recalls[weakest]),
+        "min_recall_class": classes[weakest],
     }
+
+
+def trust_scores(
+    probs: np.ndarray, y_true: np.ndarray, min_confidence: float | None
+) -> dict[str, float | None]:
+    """How far the probabilities can be trusted: the expected calibration error and, with a
+    threshold, the share of faces whose top probability reaches it (confident_coverage) and the
+    accuracy of those (confident_accuracy; None when no face reaches it)."""
+    scores: dict[str, float | None] = {"ece": round(expected_calibration_error(probs, y_true), 4)}
+    if min_confidence is not None:
+        coverage, accuracy = selective_curve(probs, y_true).at(min_confidence)
+        scores["confident_coverage"] = round(coverage, 4)
+        scores["confident_accuracy"] = None if math.isnan(accuracy) else round(accuracy, 4)
+    return scores
+
+
+def split_scores(
+    probs: np.ndarray, y_true: np.ndarray, classes: list[str], min_confidence: float | None
+) -> dict[str, Any]:
+    """condition_scores of the argmax labels, then trust_scores."""
+    scores = condition_scores(y_true, probs.argmax(axis=1), classes)
+    return {**scores, **trust_scores(probs, y_true, min_confidence)}
 
 
 def evaluate_conditions(
@@ -327,27 +357,43 @@ def evaluate_conditions(
     y: np.ndarray,
     cfg: DictConfig,
     clean_pred: np.ndarray | None = None,
+    *,
+    clean_probs: np.ndarray | None = None,
+    min_confidence: float | None = None,
+    on_predicted: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
     """Score the clean split and every configured condition of it.
 
     `model`: a Keras model or a forward.Forward (evaluate passes the served ONNX graph).
-    Predictions go through evaluate.predict_proba with evaluate.batch_size and evaluate.tta_flip,
-    as the clean test score does; pass `clean_pred` (argmax labels) to reuse the clean pass.
+    Predictions go through forward.tta_probabilities with evaluate.batch_size and
+    evaluate.tta_flip, as the clean test score does. The clean pass can be reused: pass
+    `clean_probs` (its probabilities) or `clean_pred` (only its argmax labels: the clean scores
+    then have no ece nor confident_*). `min_confidence`: the top-probability threshold of
+    confident_coverage / confident_accuracy (None: no threshold, those keys are left out).
+    `on_predicted(name, probabilities)` sees every split's probabilities (clean when known, then
+    each condition), e.g. for a plot, without this result holding them.
     Returns {images, seconds, clean: scores, conditions: {name: scores}, worst_condition,
     worst_accuracy, mean_drop}; mean_drop is the mean of clean minus condition accuracy.
     """
-    from soundmood.evaluate import predict_proba
-
     conditions = check_config(cfg)  # before any work
     classes, ev = list(cfg.data.classes), cfg.evaluate
     seed = int(ev.get("condition_seed", 0))
+    forward = getattr(model, "predict_on_batch", model)  # a Keras model, or a Forward itself
     start = time.perf_counter()
 
-    def predict(images: np.ndarray) -> np.ndarray:
-        return predict_proba(model, images, ev.batch_size, ev.tta_flip).argmax(axis=1)
+    def scored(name: str, probs: np.ndarray) -> dict[str, Any]:
+        if on_predicted is not None:
+            on_predicted(name, probs)
+        return split_scores(probs, y, classes, min_confidence)
 
-    clean = condition_scores(y, predict(x) if clean_pred is None else clean_pred, classes)
-    scores = {c.name: condition_scores(y, predict(c.apply(x, seed)), classes) for c in conditions}
+    def predicted(images: np.ndarray) -> np.ndarray:
+        return tta_probabilities(forward, images, ev.batch_size, ev.tta_flip)
+
+    if clean_probs is None and clean_pred is not None:
+        clean = condition_scores(y, clean_pred, classes)
+    else:
+        clean = scored(CLEAN, predicted(x) if clean_probs is None else clean_probs)
+    scores = {c.name: scored(c.name, predicted(c.apply(x, seed))) for c in conditions}
     result: dict[str, Any] = {"images": len(y), "clean": clean, "conditions": scores}
     result.update(summarise(clean, scores))
     result["seconds"] = round(time.perf_counter() - start, 2)
@@ -366,13 +412,21 @@ def summarise(clean: Mapping[str, Any], scores: Mapping[str, Mapping[str, Any]])
     }
 
 
+STATS = ("accuracy", "macro_f1", "min_recall")
+TRUST_STATS = ("ece", "confident_coverage", "confident_accuracy")  # absent from older reports
+
+
 def mlflow_metrics(result: Mapping[str, Any], prefix: str = "robust_") -> dict[str, float]:
-    """robust_<condition>_{accuracy,macro_f1,min_recall}, robust_worst_accuracy, robust_mean_drop
-    (use prefix="val_robust_" for the validation variants)."""
+    """robust_<condition>_{accuracy,macro_f1,min_recall} and, where scored,
+    robust_<condition>_{ece,confident_coverage,confident_accuracy}; robust_worst_accuracy,
+    robust_mean_drop (use prefix="val_robust_" for the validation variants)."""
     metrics = {}
     for name, scores in result["conditions"].items():
-        for stat in ("accuracy", "macro_f1", "min_recall"):
+        for stat in STATS:
             metrics[f"{prefix}{name}_{stat}"] = float(scores[stat])
+        for stat in TRUST_STATS:
+            if scores.get(stat) is not None:
+                metrics[f"{prefix}{name}_{stat}"] = float(scores[stat])
     metrics[f"{prefix}worst_accuracy"] = float(result["worst_accuracy"])
     metrics[f"{prefix}mean_drop"] = float(result["mean_drop"])
     if "seconds" in result:  # robustness.json leaves timings out
@@ -453,7 +507,7 @@ def condition_accuracies(robust_metrics: Mapping[str, Any]) -> dict[str, float]:
     found = {}
     for key, value in robust_metrics.items():
         match = _RUN_METRIC.match(key)
-        if match and match["name"] not in RESERVED_NAMES:
+        if match and match["name"] not in RESERVED_NAMES and not match["name"].endswith(_CONFIDENT):
             found[match["name"]] = float(value)
     return found
 
