@@ -33,6 +33,9 @@ class Adjustment:
     # the validation labels the adjusted model predicts (argmax, views averaged): the clean
     # validation score needs no second prediction pass
     predictions: np.ndarray | None = None
+    # the adjusted model's validation logits, one array per view (tau * prior added): the
+    # temperature is fitted on them with no second prediction pass
+    logits: list[np.ndarray] | None = None
 
     @property
     def value(self) -> float:
@@ -83,7 +86,8 @@ def choose_tau(
         float(t): _objective(y_val, adjusted_prediction(logits, t * prior), objective) for t in taus
     }
     tau = max(scores, key=scores.get)  # max keeps the first of equals
-    return Adjustment(tau, scores, adjusted_prediction(logits, tau * prior))
+    shifted = [view + tau * prior for view in logits]
+    return Adjustment(tau, scores, adjusted_prediction(logits, tau * prior), shifted)
 
 
 def fold_into_head(model: keras.Model, shift: np.ndarray) -> None:

@@ -28,12 +28,13 @@ import tensorflow as tf
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from soundmood import logit_adjustment, robustness, tracking
+from soundmood import logit_adjustment, robustness, temperature, tracking
 from soundmood.config import validate
 from soundmood.data.prepare import load_index, load_split
 from soundmood.errors import ConfigError
 from soundmood.fileio import atomic_path, write_bytes, write_json, write_text
-from soundmood.forward import Forward
+from soundmood.forward import Forward, tta_probabilities
+from soundmood.logit_adjustment import view_logits
 from soundmood.models import backbone_of, build, set_backbone_trainable
 
 # Training checkpoints, one folder per config and data version (tests point it elsewhere).
@@ -679,22 +680,26 @@ def adjust_and_score_validation(
     train_labels: np.ndarray,
     val: tuple[np.ndarray, np.ndarray],
     cfg: DictConfig,
-) -> tuple[logit_adjustment.Adjustment | None, dict]:
-    """Logit adjustment and the validation capture conditions, predicted by `model`'s ONNX
-    graph, as evaluate predicts: about twice Keras' speed on 2 cores (the default model's
-    validation split: 181 s of Keras predictions, 117 s for this whole step, 2026-12-04)."""
+) -> tuple[logit_adjustment.Adjustment | None, temperature.Calibration, dict]:
+    """Logit adjustment, then the temperature (both folded into `model`'s head), the confidence
+    threshold and the validation capture conditions, predicted by `model`'s ONNX graph, as
+    evaluate predicts: about twice Keras' speed on 2 cores (the default model's validation
+    split: 181 s of Keras predictions, 117 s for this whole step, 2026-12-04)."""
     from soundmood.evaluate import served_forward  # evaluate imports this module
 
     threads, check_faces = int(cfg.train.threads), val[0][:32]
+    batch, flip, reports = cfg.evaluate.batch_size, cfg.evaluate.tta_flip, cfg.evaluate.reports_dir
     with tempfile.TemporaryDirectory(prefix="soundmood-train-") as tmp:
         forward = served_forward(model, Path(tmp), threads, check_faces)
         adjustment = logit_adjustment.adjust(model, forward, train_labels, val, cfg)
-        if adjustment is not None and adjustment.tau:  # the graph predates the folded bias
+        views = adjustment.logits if adjustment else view_logits(forward, val[0], batch, flip)
+        fitted = temperature.fit_and_fold(model, views, val[1], cfg)
+        if fitted is not None or (adjustment and adjustment.tau):  # the graph predates the fold
             forward = served_forward(model, Path(tmp), threads, check_faces)
-        clean = adjustment.predictions if adjustment is not None else None
-        return adjustment, score_validation_conditions(
-            forward, val, cfg, Path(cfg.evaluate.reports_dir), clean
-        )
+        served = tta_probabilities(forward, val[0], batch, flip)
+        calibrated = temperature.assess(views, fitted, served, val[1], cfg)
+        conditions = score_validation_conditions(forward, val, cfg, Path(reports), served.argmax(1))
+        return adjustment, calibrated, conditions
 
 
 def run(cfg: DictConfig) -> FitResult:
@@ -730,7 +735,9 @@ def run(cfg: DictConfig) -> FitResult:
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         )
-        adjustment, val_robust = adjust_and_score_validation(result.model, train[1], val, cfg)
+        adjustment, calibrated, val_robust = adjust_and_score_validation(
+            result.model, train[1], val, cfg
+        )
         adjusted = (
             {
                 "logit_adjustment_tau": adjustment.tau,
@@ -739,8 +746,7 @@ def run(cfg: DictConfig) -> FitResult:
             if adjustment is not None
             else {}
         )
-        if adjusted:
-            mlflow.log_metrics(adjusted)
+        mlflow.log_metrics({**adjusted, **calibrated.metrics()})
         # a killed run leaves the previous model or the new one, never half of one
         with atomic_path(Path(cfg.train.model_dir) / MODEL_FILE) as partial:
             result.model.save(partial)
@@ -753,10 +759,14 @@ def run(cfg: DictConfig) -> FitResult:
         "train_seconds": round(result.seconds, 1),
         "train_images_per_second": round(result.images_per_second, 1),
         "parameters": int(result.model.count_params()),
-        **{k: round(v, 4) for k, v in adjusted.items()},
+        **{k: round(v, 4) for k, v in {**adjusted, **calibrated.metrics()}.items()},
     }
-    write_json(reports / "train.json", summary)
-    write_json(reports / "train_run.json", {"mlflow_run_id": run_id, "tuned": tuned}, default=str)
+    # unrounded: the served model compares its probabilities with this very threshold
+    served = {"temperature": calibrated.temperature, "min_confidence": calibrated.min_confidence}
+    write_json(reports / "train.json", {**summary, **served})
+    write_json(
+        reports / "train_run.json", {"mlflow_run_id": run_id, "tuned": tuned, **served}, default=str
+    )
     if adjustment is not None:
         print(
             f"train: logit adjustment tau {adjustment.tau:g} chosen on validation "
@@ -764,6 +774,7 @@ def run(cfg: DictConfig) -> FitResult:
             + ", ".join(f"{t:g}: {v:.4f}" for t, v in adjustment.scores.items())
             + ")"
         )
+    print(calibrated.summary())
     if val_robust["conditions"]:
         print(
             f"train: validation capture conditions: worst {val_robust['worst_condition']} "
