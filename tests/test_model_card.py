@@ -109,7 +109,7 @@ def keras_model():
 
 
 def row(*cells: str) -> str:
-    return "| " + " | ".join(cells) + " |"
+    return model_card.table_row(cells)
 
 
 def card_of(cfg: DictConfig, version: str) -> tuple[str, str]:
@@ -153,7 +153,8 @@ def test_the_card_holds_the_reports_figures_read_back_from_the_registry(cfg, ker
     assert "cost the most accuracy (clean 0.7500): grey 0.7100 (-0.0400)" in artifact
     assert "## Promotion gate: promoted" in artifact and "no champion yet" in artifact
     tags = mlflow.MlflowClient().get_model_version(cfg.registry.model_name, version).tags
-    assert f"git checkout {tags[Tag.GIT_COMMIT]} && make repro" in artifact
+    # registered from tmp_path, outside git: no commit to check out (the command: below)
+    assert (model_card.reproduce_command(tags) or "cannot be rebuilt from the") in artifact
     assert MISSING not in artifact.split("## Capture conditions")[1]  # every figure is there
 
 
@@ -184,10 +185,13 @@ def test_older_reports_render_missing_figures_as_a_dash():
         "robust_mean_drop": "0.2",
     }
     card = model_card.render("m", 3, tags, CLASSES)
+    assert "## Reproduce\n\n```\ngit checkout abc && make repro\n```" in card
     assert row("ECE", MISSING) in card and row("temperature (folded into the softmax)", MISSING)
     assert row("dark", "0.4000", "-0.2000", MISSING, MISSING, MISSING, MISSING) in card
     assert "| worst |" not in card and "| mean |" not in card  # summaries, not conditions
     assert "Not yet gated" in card
+    outside_git = model_card.render("m", 3, {**tags, Tag.GIT_COMMIT: "unknown"}, CLASSES)
+    assert "make repro" not in outside_git and "cannot be rebuilt" in outside_git
 
 
 def test_condition_tags_are_parsed_by_their_longest_suffix():

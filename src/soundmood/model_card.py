@@ -140,10 +140,19 @@ def signed(value: float | None, digits: int = 4) -> str:
     return MISSING if value is None else f"{value:+.{digits}f}"
 
 
+# MLflow's UI draws Markdown tables without cell padding, so 0.7050 0.7050 would read 0.70500.7050:
+# every cell but the first starts with two no-break spaces (which Markdown keeps), right-aligned.
+GAP = "\u00a0\u00a0"
+
+
+def table_row(cells: Sequence[str]) -> str:
+    """One Markdown table row as the card writes it."""
+    return "| " + " | ".join([cells[0], *(f"{GAP}{cell}" for cell in cells[1:])]) + " |"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    align = "|---|" + "".join("---:|" for _ in header[1:])
+    return "\n".join([table_row(header), align, *(table_row(row) for row in rows)])
 
 
 def gate_label(tags: Mapping[str, str]) -> str:
@@ -324,14 +333,25 @@ def _gate(tags: Mapping[str, str]) -> str:
     return f"## Promotion gate: {gate_label(tags)}\n\n{checks}{after}"
 
 
-def reproduce_command(tags: Mapping[str, str]) -> str:
+UNKNOWN_COMMIT = "unknown"  # tracking.git_state's commit outside a git checkout
+
+
+def reproduce_command(tags: Mapping[str, str]) -> str | None:
     """The command that rebuilds this version: its commit's params.yaml and data.dvc pin the
-    config and data, `make repro` pulls the data and runs the pipeline."""
-    commit = tags.get(Tag.GIT_COMMIT) or "<commit>"
+    config and data, `make repro` pulls the data and runs the pipeline. None: no commit known."""
+    commit = tags.get(Tag.GIT_COMMIT, "")
+    if not commit or commit == UNKNOWN_COMMIT:
+        return None
     return f"git checkout {commit} && make repro"
 
 
 def _reproduce(tags: Mapping[str, str]) -> str:
+    command = reproduce_command(tags)
+    if command is None:
+        return (
+            "## Reproduce\n\nNo git commit is recorded (registered outside a git checkout): "
+            "this version cannot be rebuilt from the repository."
+        )
     note = (
         "\n\nThe commit had **uncommitted changes** when this version was trained: the command "
         "rebuilds the committed code, which may differ."
@@ -340,7 +360,7 @@ def _reproduce(tags: Mapping[str, str]) -> str:
     )
     return (
         "## Reproduce\n\n"
-        f"```\n{reproduce_command(tags)}\n```\n\n"
+        f"```\n{command}\n```\n\n"
         f"The new version's `config_hash` tag should read `{tags.get(Tag.CONFIG_HASH, MISSING)}` "
         f"and its `data_md5` `{tags.get(Tag.DATA_MD5, MISSING)}`.{note}"
     )
