@@ -288,6 +288,14 @@ def test_register_stage_after_a_real_evaluate(
     )
     metrics = json.loads((reports / "metrics.json").read_text())
     assert float(tags["test_macro_f1"]) == metrics["macro_f1"]
+    card = mlflow.MlflowClient().get_model_version(cfg.registry.model_name, "1").description
+    for c in cfg.data.classes:  # the model card holds this real evaluate's figures
+        figures = [f"{metrics[f'{c}_{s}']:.4f}" for s in ("precision", "recall", "f1")]
+        assert model_card.table_row([c, *figures]) in card
+    robust = json.loads((reports / "robustness.json").read_text())["conditions"]
+    for name, scores in robust.items():
+        assert model_card.table_row([name, f"{scores['accuracy']:.4f}"])[:-2] in card
+    assert "## Promotion gate: refused" in card and "min_class_recall" in card
 
     assert registry.register_cli(cfg) == 0  # a re-run registers no duplicate
     assert [str(mv.version) for mv in registry.all_versions(cfg.registry.model_name)] == ["1"]
