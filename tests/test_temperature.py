@@ -94,6 +94,20 @@ def test_calibrate_false_leaves_the_temperature_at_one(
     # the threshold is still chosen, on the (uncalibrated) validation predictions
     assert 0.0 < calibrated.min_confidence <= 1.0
     assert set(calibrated.metrics()) == CONTRACT_KEYS
+    # the validation capture report judges the clean split at the same threshold
+    clean = json.loads((tmp_path / train.VAL_ROBUSTNESS_FILE).read_text())["clean"]
+    assert clean["confident_coverage"] == pytest.approx(calibrated.coverage, abs=1e-4)
+    assert clean["ece"] == pytest.approx(calibrated.after["ece"], abs=1e-4)
+
+
+def test_report_rounds_all_but_the_served_values_and_writes_no_nan() -> None:
+    scores = {"ece": 0.123456, "nll": 1.0, "brier": 0.5}
+    nothing_kept = temperature.Calibration(1.2345678, True, scores, scores, 1.0, 0.0, float("nan"))
+    report = nothing_kept.report()
+    assert set(report) == CONTRACT_KEYS
+    assert report["temperature"] == 1.2345678 and report["val_ece"] == 0.1235
+    assert report["val_confident_accuracy"] is None
+    assert "keeps no validation face" in nothing_kept.summary()
 
 
 @pytest.fixture(scope="module")

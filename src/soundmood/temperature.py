@@ -54,6 +54,15 @@ class Calibration:
             "val_confident_accuracy": self.accuracy,
         }
 
+    def report(self) -> dict[str, float | None]:
+        """metrics() for a JSON report: rounded, None for an accuracy of no face, and the
+        temperature and threshold unrounded (the served model compares with that very value)."""
+        rounded = {
+            key: None if math.isnan(value) else round(value, 4)
+            for key, value in self.metrics().items()
+        }
+        return {**rounded, "temperature": self.temperature, "min_confidence": self.min_confidence}
+
     def summary(self) -> str:
         """One line for the train stage's output."""
         fitted = (

@@ -662,14 +662,18 @@ def score_validation_conditions(
     val: tuple[np.ndarray, np.ndarray],
     cfg: DictConfig,
     reports: Path,
-    clean_pred: np.ndarray | None = None,
+    clean_probs: np.ndarray | None = None,
+    min_confidence: float | None = None,
 ) -> dict:
     """evaluate's capture conditions on the validation split, for the kept model: what
     augmentation and tuning choices are compared on (reports/robustness_val.json, MLflow
     val_robust_*), so that no choice reads the test split. With no conditions configured the
     file still holds the clean validation scores: dvc.yaml declares it as train's output.
-    `clean_pred` (the logit adjustment's validation labels) saves the clean prediction pass."""
-    result = robustness.evaluate_conditions(model, *val, cfg, clean_pred=clean_pred)
+    `clean_probs` (the served validation probabilities) saves the clean prediction pass; with
+    `min_confidence` every split gains the confident answers' coverage and accuracy."""
+    result = robustness.evaluate_conditions(
+        model, *val, cfg, clean_probs=clean_probs, min_confidence=min_confidence
+    )
     robustness.write_json(result, reports / VAL_ROBUSTNESS_FILE)
     mlflow.log_metrics(robustness.mlflow_metrics(result, prefix="val_robust_"))
     return result
@@ -698,7 +702,9 @@ def adjust_and_score_validation(
             forward = served_forward(model, Path(tmp), threads, check_faces)
         served = tta_probabilities(forward, val[0], batch, flip)
         calibrated = temperature.assess(views, fitted, served, val[1], cfg)
-        conditions = score_validation_conditions(forward, val, cfg, Path(reports), served.argmax(1))
+        conditions = score_validation_conditions(
+            forward, val, cfg, Path(reports), served, calibrated.min_confidence
+        )
         return adjustment, calibrated, conditions
 
 
@@ -759,11 +765,11 @@ def run(cfg: DictConfig) -> FitResult:
         "train_seconds": round(result.seconds, 1),
         "train_images_per_second": round(result.images_per_second, 1),
         "parameters": int(result.model.count_params()),
-        **{k: round(v, 4) for k, v in {**adjusted, **calibrated.metrics()}.items()},
+        **{k: round(v, 4) for k, v in adjusted.items()},
+        **calibrated.report(),
     }
-    # unrounded: the served model compares its probabilities with this very threshold
+    write_json(reports / "train.json", summary)
     served = {"temperature": calibrated.temperature, "min_confidence": calibrated.min_confidence}
-    write_json(reports / "train.json", {**summary, **served})
     write_json(
         reports / "train_run.json", {"mlflow_run_id": run_id, "tuned": tuned, **served}, default=str
     )
