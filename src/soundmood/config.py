@@ -350,6 +350,7 @@ def _check_train(c: _Checker) -> None:
     c.boolean("train.use_tuned")
     _check_taus(c, "train.logit_adjustment.taus")
     c.choice("train.logit_adjustment.objective", ("macro_f1", "accuracy"))
+    c.boolean("train.calibrate")
     c.boolean("train.deterministic")
     c.integer("train.threads", 0, 1024)
     c.boolean("train.augment.flip")
