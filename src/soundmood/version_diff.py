@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from soundmood.model_card import MISSING, Figures, fmt, signed
@@ -115,9 +116,8 @@ def diff_table(
 ) -> Table:
     """A and B side by side with A - B (green: better, red: worse), the gate's verdict below."""
     verdict = "would promote" if promote else "would refuse"
-    table = Table(
-        title=title, caption=f"gate of {a.label} against {_label(b)}: {verdict}: {reason}"
-    )
+    caption = f"gate of {a.label} against {_label(b)}: {verdict}: {reason}"
+    table = Table(title=escape(title), caption=escape(caption))  # a forced reason is anyone's text
     table.add_column("section")
     table.add_column("figure")
     table.add_column(a.label, justify="right")
