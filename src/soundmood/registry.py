@@ -2,12 +2,16 @@
 alias (what `models:/soundmood-fer@champion` serves) moves only through the promotion gate.
 
 - register (stage): a new version linked to its MLflow run, tagged with what produced it (git
-  commit, data md5, config hash, profile, model) and its test metrics, aliased `challenger`; with
-  registry.auto_promote the gate runs at once. Writes reports/registry.json.
-- promote: the gate (`gate()`, a pure function) decides; a refusal changes no alias and says which
-  rule failed with the numbers. `--force --reason` records a manual override.
+  commit, data md5, config hash, profile, model, temperature), its test metrics and capture
+  conditions, aliased `challenger`; with registry.auto_promote the gate runs at once. Its
+  description is its model card (soundmood.model_card, also model_card.md in its run), rewritten
+  whenever the gate decides. Writes reports/registry.json.
+- promote: shows the version against the champion (soundmood.version_diff), then the gate
+  (`gate()`, a pure function) decides; a refusal changes no alias and says which rule failed
+  with the numbers. `--force --reason` records a manual override.
 - rollback: champion goes back to the version named by its `previous_champion` tag.
-- models: a table of versions, aliases, metrics, data and commit.
+- models: a table of versions, aliases, metrics, data and commit; `--diff [A] [B]` two versions
+  side by side with deltas and the gate's verdict; `--json` for machines.
 
 MLflow's stages are deprecated: only aliases and tags are used. Everything the gate reads is a
 version tag, so a decision can be re-derived from the registry alone.
