@@ -93,6 +93,26 @@ def test_metrics_json_has_flat_test_metrics(pipeline: dict) -> None:
     assert confusion[0] == "actual,predicted" and len(confusion) == 1 + 5 * 40
 
 
+def test_trust_figures_flow_from_train_to_evaluate(pipeline: dict) -> None:
+    """The temperature and threshold train chose on validation are the ones evaluate reports
+    on test and the registered model's card states."""
+    reports = pipeline["repo"] / "reports"
+    trained = json.loads((reports / "train_run.json").read_text())
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert trained["temperature"] > 0 and 0.0 <= trained["min_confidence"] <= 1.0
+    assert metrics["min_confidence"] == pytest.approx(trained["min_confidence"], abs=1e-4)
+    for key in ("ece", "nll", "brier", "ece_before_temperature", "confident_coverage"):
+        assert metrics[key] >= 0.0, key
+    robust = json.loads((reports / "robustness.json").read_text())
+    assert all("ece" in scores for scores in robust["conditions"].values())
+    rows = (reports / "plots" / "reliability.csv").read_text().splitlines()
+    assert rows[0].startswith("bin_low") and len(rows) > 1
+    mlflow.set_tracking_uri(pipeline["env"]["MLFLOW_TRACKING_URI"])
+    registered = json.loads((reports / "registry.json").read_text())
+    card = MlflowClient().get_model_version(registered["name"], str(registered["version"]))
+    assert f"{metrics['macro_f1']:.4f}" in card.description
+
+
 def test_mlflow_run_has_params_metrics_artifacts_and_model(pipeline: dict) -> None:
     mlflow.set_tracking_uri(pipeline["env"]["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
@@ -115,7 +135,11 @@ def test_mlflow_run_has_params_metrics_artifacts_and_model(pipeline: dict) -> No
         "evaluation/confusion.png",
         "evaluation/confusion.csv",
         "evaluation/classification_report.json",
+        "evaluation/reliability.csv",
+        "evaluation/reliability.png",
+        "evaluation/selective.csv",
     } <= artifacts
+    assert run.data.metrics["test_ece"] == pytest.approx(metrics["ece"])
     digests = {d.dataset.digest for d in run.inputs.dataset_inputs}
     assert "e3aa2ebbb86bae659df00b55916f5159" in digests
     model_uri = json.loads((pipeline["repo"] / "reports" / "evaluation.json").read_text())[
