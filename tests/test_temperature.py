@@ -84,6 +84,7 @@ def test_calibrate_false_leaves_the_temperature_at_one(
     cfg.evaluate.conditions = {}  # the clean validation split only
     model = _model(cfg)
     head = [w.copy() for w in model.get_layer("probs").get_weights()]
+    mlflow.set_experiment("calibrate-off")  # not the experiment id an earlier test left active
     with mlflow.start_run():  # train's run, which the validation conditions log to
         adjustment, calibrated, _ = train.adjust_and_score_validation(model, val[1], val, cfg)
     assert adjustment is None
