@@ -201,3 +201,20 @@ def test_exp_run_override_reaches_the_stages(pipeline: dict) -> None:
     assert '"epochs": 1' in shown.replace("'", '"')
     train = json.loads((repo / "reports" / "train.json").read_text())
     assert train["epochs_run"] == 1
+    _diff_of_the_two_registered_smoke_models(repo, env)
+
+
+def _diff_of_the_two_registered_smoke_models(repo: Path, env: dict[str, str]) -> None:
+    """The repro and the experiment registered v1 and v2: `models --diff 2 1` shows each
+    figure's delta as the two versions' runs logged them."""
+    shown = json.loads(_sh(["soundmood", "models", "--diff", "2", "1", "--json"], repo, env).stdout)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    name = json.loads((repo / "reports" / "registry.json").read_text())["name"]
+    logged = {
+        v: client.get_run(client.get_model_version(name, v).run_id).data.metrics for v in "12"
+    }
+    rows = {row["name"]: row for row in shown["rows"]}
+    for key in ("macro_f1", "angry_recall", "sad_f1", "ece", "confident_coverage"):
+        a, b = logged["2"][f"test_{key}"], logged["1"][f"test_{key}"]
+        assert (rows[key]["a"], rows[key]["b"]) == (pytest.approx(a), pytest.approx(b)), key
+        assert rows[key]["delta"] == pytest.approx(a - b, abs=1e-9), key
