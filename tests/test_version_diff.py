@@ -7,34 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
 
 from soundmood import registry
 from soundmood.errors import UserError
 from soundmood.version_diff import HIGHER, LOWER
-from tests.test_model_card import (
-    CLASSES,
-    CONDITIONS,
-    register_from_reports,
-    reports_of,
-    store_config,
-)
-from tests.test_serving import build_tiny_model
+from tests import test_model_card
+from tests.test_model_card import CLASSES, CONDITIONS, register_from_reports, reports_of
 
-
-@pytest.fixture
-def cfg(
-    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_root: Path
-) -> DictConfig:
-    return store_config(tmp_path, monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def keras_model():
-    return build_tiny_model()
+# the model card tests' store and model, shared as fixtures
+cfg = test_model_card.cfg
+keras_model = test_model_card.keras_model
 
 
 def diff_json(cfg, capsys, *refs: str) -> dict:
