@@ -137,7 +137,7 @@ def test_register_promote_and_serve_through_a_postgres_backed_server(
     served = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}")
     jpeg = raf_jpeg("happy", 1)
     out = served.predict(pd.DataFrame({"image": [jpeg]}))
-    assert list(out.columns) == [*cfg.data.classes, "label"]
+    assert list(out.columns) == [*cfg.data.classes, "label", "confident"]
     probs = out[list(cfg.data.classes)].to_numpy()
     expected = predict_proba(model, load_face(jpeg, SIZE)[None], batch_size=8,
                              tta_flip=cfg.evaluate.tta_flip)  # fmt: skip
