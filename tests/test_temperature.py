@@ -160,20 +160,19 @@ def test_saved_model_serves_the_calibrated_probabilities_and_threshold(
     trained: dict, val: tuple[np.ndarray, np.ndarray]
 ) -> None:
     """The saved model, exported as evaluate exports it, scores validation as train reported,
-    and its confident answers reach the target precision there."""
+    and its min_confidence is the lowest threshold whose answers reach the target there. The
+    smoke model is near chance, so whether any threshold reaches the target is luck of the
+    draw: the rule is checked either way, its reachable case in tests/test_calibration.py."""
     cfg, (x, y), run = trained["cfg"], val, trained["run"]
     graph = served_forward(trained["model"], trained["tmp"] / "served", 2, x[:8])
     probs = tta_probabilities(graph, x, cfg.evaluate.batch_size, cfg.evaluate.tta_flip)
     scores = calibration.calibration_scores(probs, y, len(cfg.data.classes))
     assert scores["nll"] == pytest.approx(trained["summary"]["val_nll"], abs=1e-3)
+    target = float(cfg.inference.confident_precision)
+    curve = calibration.selective_curve(probs, y)
     threshold = run["min_confidence"]
-    assert threshold < 1.0  # the target was reached
-    kept = probs.max(axis=1) >= threshold
-    assert kept.any()
-    assert float(np.mean(probs[kept].argmax(axis=1) == y[kept])) >= 0.75
-    assert kept.mean() == pytest.approx(trained["summary"]["val_confident_coverage"], abs=1e-3)
-    # the lowest such threshold: one face more (the next lower confidence) falls short
-    lower = probs.max(axis=1)[~kept]
-    if lower.size:
-        wider = probs.max(axis=1) >= lower.max()
-        assert float(np.mean(probs[wider].argmax(axis=1) == y[wider])) < 0.75
+    assert threshold == pytest.approx(calibration.threshold_for_precision(curve, target), abs=1e-5)
+    coverage, accuracy = curve.at(threshold - 1e-6)  # a face on the threshold is kept
+    assert coverage == pytest.approx(trained["summary"]["val_confident_coverage"], abs=1e-3)
+    if threshold < 1.0:
+        assert accuracy >= target
