@@ -142,7 +142,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "predict": Command(
         "soundmood.inference.command:predict_cli",
-        "detect faces in photos, classify each, and give one mood per photo",
+        "detect faces in photos, classify each, and give one mood per photo from its confident "
+        "faces (null, with the reason, when none is confident: inference.min_confidence)",
         arguments=_predict_args,
     ),
     "import-rafdb": Command(
