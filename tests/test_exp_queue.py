@@ -31,12 +31,13 @@ pytestmark = pytest.mark.slow
 MODELS = ("mobilenet_v2", "seed_cnn")
 SIZES = (64, 48)  # both >= MIN_IMAGE_SIZE of both models (32 and 16)
 QUEUE_LIMIT_S = 1800  # the whole grid, two at a time
+STATUS_LIMIT_S = 120  # one `dvc queue` command
 FAST = ["profile=smoke", "tune.enabled=false", "train.epochs=1"]
 
 
 def _queue_status(repo: Path, env: dict[str, str]) -> list[tuple[str, str]]:
     """(name, status) of every task `dvc queue status` lists."""
-    out = _sh(["dvc", "queue", "status"], repo, env).stdout
+    out = _sh(["dvc", "queue", "status"], repo, env, timeout=STATUS_LIMIT_S).stdout
     rows = []
     for line in out.splitlines():
         cells = line.split()
@@ -47,6 +48,23 @@ def _queue_status(repo: Path, env: dict[str, str]) -> list[tuple[str, str]]:
         ):
             rows.append((cells[1], cells[-1]))
     return rows
+
+
+def _start_workers(repo: Path, env: dict[str, str], log: Path) -> None:
+    """`dvc queue start -j 2`, its output to a file: the workers it daemonises inherit its
+    stdout, so a captured pipe stays open (and `subprocess.run` waits) until the last worker
+    exits, which a stuck worker never does; the polling below then bounds the wait."""
+    with log.open("w") as out:
+        started = subprocess.run(
+            ["dvc", "queue", "start", "-j", "2"],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=STATUS_LIMIT_S,
+        )
+    assert started.returncode == 0, log.read_text()
 
 
 def _kill_strays(workspaces: Path) -> None:
@@ -95,7 +113,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert sorted(n for n, s in queued if s == "Queued") == sorted(names), queued
 
     start = time.monotonic()
-    _sh(["dvc", "queue", "start", "-j", "2"], repo, env)
+    _start_workers(repo, env, base / "queue-start.log")
     statuses = queued
     try:
         while time.monotonic() - start < QUEUE_LIMIT_S:

@@ -95,7 +95,7 @@ def test_adjust_folds_the_chosen_tau_and_is_off_with_only_tau_zero(faces: dict) 
 
 
 def test_the_onnx_graph_picks_the_tau_and_labels_keras_would(faces: dict, tmp_path: Path) -> None:
-    from soundmood.evaluate import served_forward
+    from soundmood.export import served_forward
 
     cfg, (x, y), train_labels = faces["cfg"], faces["val"], faces["train"][1]
     model = _model(cfg)

@@ -20,8 +20,20 @@ pytestmark = pytest.mark.slow
 SHARED = ROOT.parent / "shared"
 
 
-def _sh(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+COMMAND_LIMIT_S = 1800  # a hung command fails its test instead of stalling the whole suite
+
+
+def _sh(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: float = COMMAND_LIMIT_S
+) -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run(
+            args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(
+            f"{' '.join(args)} still running after {timeout:.0f}s:\n{exc.stdout}\n{exc.stderr}"
+        )
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
 

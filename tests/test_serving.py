@@ -128,7 +128,7 @@ def test_evaluate_scores_an_onnx_export_only_if_it_predicts_what_the_keras_model
 ):
     import keras
 
-    from soundmood.evaluate import check_export, export_served
+    from soundmood.export import check_export, export_served
     from soundmood.forward import OnnxForward
 
     keras_path, onnx_path = export_served(keras_model, tmp_path)
@@ -243,7 +243,7 @@ def log_with_threshold(model, cfg: DictConfig, min_confidence: float | None) -> 
     """The served model logged with `min_confidence` as evaluate logs it (None: no threshold, as a
     model logged before calibration); its runs:/ URI."""
     from soundmood import serving, tracking
-    from soundmood.evaluate import export_served
+    from soundmood.export import export_served
 
     tracking.setup(cfg)
     with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:

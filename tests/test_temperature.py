@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from soundmood import calibration, logit_adjustment, temperature, train
 from soundmood.data.prepare import load_split
-from soundmood.evaluate import served_forward
+from soundmood.export import served_forward
 from soundmood.forward import tta_probabilities
-from soundmood.models import build
+from soundmood.models import MODEL_FILE, build
 
 from .conftest import ROOT
 
@@ -136,7 +136,7 @@ def trained(prepared_smoke: DictConfig, tmp_path_factory: pytest.TempPathFactory
         "uri": uri,
         "summary": json.loads((reports / "train.json").read_text()),
         "run": json.loads((reports / "train_run.json").read_text()),
-        "model": keras.saving.load_model(work / "models" / train.MODEL_FILE, compile=False),
+        "model": keras.saving.load_model(work / "models" / MODEL_FILE, compile=False),
         "tmp": work,
     }
 

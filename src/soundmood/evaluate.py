@@ -34,15 +34,14 @@ from sklearn.metrics import (
 from soundmood import calibration, robustness, serving, tracking
 from soundmood.calibration import Reliability, Selective
 from soundmood.data.prepare import load_split
-from soundmood.fileio import atomic_path, write_bytes, write_json, write_text
-from soundmood.forward import Forward, OnnxForward, onnx_model, tta_probabilities
-from soundmood.train import MODEL_FILE
+from soundmood.export import ONNX_FILE, export_served, served_forward
+from soundmood.fileio import atomic_path, write_json, write_text
+from soundmood.forward import Forward, tta_probabilities
+from soundmood.models import MODEL_FILE
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # after the backend is chosen
 
-ONNX_FILE = "model.onnx"
-EXPORT_TOLERANCE = 1e-4  # float32 kernels differ by ~1e-6; a broken conversion by far more
 LATENCY_REQUESTS = 30  # single-face requests timed for latency_ms (after LATENCY_WARMUP)
 LATENCY_WARMUP = 3
 SELECTIVE_POINTS = 50  # points kept per selective-accuracy curve in plots/selective.csv
@@ -306,40 +305,6 @@ def _save_png(fig: Any, out: Path) -> None:
     with atomic_path(out) as partial:
         fig.savefig(partial, dpi=120, format="png")
     plt.close(fig)
-
-
-def export_served(model: keras.Model, folder: Path) -> tuple[Path, Path]:
-    """The served model's files in `folder`: a .keras copy without optimizer state (which
-    serving never uses and which would triple its size) and the ONNX graph it runs."""
-    keras_path, onnx_path = folder / MODEL_FILE, folder / ONNX_FILE
-    served = keras.Model.from_config(model.get_config())  # uncompiled: no optimizer
-    served.set_weights(model.get_weights())
-    with atomic_path(keras_path) as partial:
-        served.save(partial)
-    write_bytes(onnx_path, onnx_model(served))
-    return keras_path, onnx_path
-
-
-def check_export(model: keras.Model, forward: Forward, faces: np.ndarray) -> None:
-    """Refuse an ONNX graph that does not predict what the trained model predicts."""
-    gap = float(np.abs(forward(faces) - model.predict_on_batch(faces)).max())
-    if not gap <= EXPORT_TOLERANCE:  # NaN fails too
-        raise RuntimeError(
-            f"the ONNX export differs from the trained {MODEL_FILE} by {gap:.2g} in probability "
-            f"on {len(faces)} faces (tolerance {EXPORT_TOLERANCE}); nothing was logged"
-        )
-
-
-def served_forward(
-    model: keras.Model, folder: Path, threads: int, check_faces: np.ndarray
-) -> OnnxForward:
-    """The served model's files written to `folder` (export_served) and a session over its ONNX
-    graph, refused unless it predicts what `model` does on `check_faces`. evaluate scores the
-    test split through it, train the validation split: about twice Keras' speed on 2 cores."""
-    _, onnx_path = export_served(model, folder)
-    forward = OnnxForward(onnx_path, threads=threads)
-    check_export(model, forward, check_faces)
-    return forward
 
 
 def log_model(

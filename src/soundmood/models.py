@@ -12,6 +12,8 @@ import keras
 from keras import layers
 from omegaconf import DictConfig
 
+MODEL_FILE = "model.keras"  # the trained classifier in train.model_dir
+
 # What torchvision's ImageNet weights expect (../shared/weights/README.md), not Keras's x/127.5-1.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

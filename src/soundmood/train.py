@@ -32,14 +32,14 @@ from soundmood import logit_adjustment, robustness, temperature, tracking
 from soundmood.config import validate
 from soundmood.data.prepare import load_index, load_split
 from soundmood.errors import ConfigError
+from soundmood.export import served_forward
 from soundmood.fileio import atomic_path, write_bytes, write_json, write_text
 from soundmood.forward import Forward, tta_probabilities
 from soundmood.logit_adjustment import view_logits
-from soundmood.models import backbone_of, build, set_backbone_trainable
+from soundmood.models import MODEL_FILE, backbone_of, build, set_backbone_trainable
 
 # Training checkpoints, one folder per config and data version (tests point it elsewhere).
 WORK_DIR = Path(os.environ.get("SOUNDMOOD_WORK_DIR", ".work"))
-MODEL_FILE = "model.keras"
 
 
 def configure_tensorflow(threads: int, seed: int) -> None:
@@ -689,7 +689,6 @@ def adjust_and_score_validation(
     threshold and the validation capture conditions, predicted by `model`'s ONNX graph, as
     evaluate predicts: about twice Keras' speed on 2 cores (the default model's validation
     split: 181 s of Keras predictions, 117 s for this whole step, 2026-12-04)."""
-    from soundmood.evaluate import served_forward  # evaluate imports this module
 
     threads, check_faces = int(cfg.train.threads), val[0][:32]
     batch, flip, reports = cfg.evaluate.batch_size, cfg.evaluate.tta_flip, cfg.evaluate.reports_dir
