@@ -23,8 +23,9 @@ test: setup  ## the whole test suite, end-to-end smoke pipeline included
 test-fast: setup  ## every test but those marked slow (end-to-end runs, kills, installs): a few minutes
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -m "not slow"
 
-lint: setup
+lint: setup  ## style (ruff) and the package's layers (import-linter, pyproject.toml)
 	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 clean:  ## remove pipeline outputs (not the DVC cache, the MLflow store or the Optuna study)
 	rm -rf prepared models reports

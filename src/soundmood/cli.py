@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_params(args: argparse.Namespace) -> int:
+    # deferred, as in main(): Hydra's import is not paid by `soundmood --help`
     from soundmood.config import params_diff, write_params
 
     if args.check:
@@ -231,6 +232,8 @@ def _record_timing(cfg: object, stage: str, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    # deferred until the arguments parse: `soundmood --help` and usage errors skip Hydra's and
+    # the data modules' imports
     from soundmood.config import load
     from soundmood.data.images import ImageError
     from soundmood.data.validate import DataValidationError
