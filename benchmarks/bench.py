@@ -37,7 +37,7 @@ def training_throughput(
     from hydra import compose, initialize_config_dir
 
     from soundmood.models import build, set_backbone_trainable
-    from soundmood.train import augmentation, compile_model, configure_tensorflow, make_dataset
+    from soundmood.fitting import augmentation, compile_model, configure_tensorflow, make_dataset
 
     with initialize_config_dir(str(Path("conf").resolve()), version_base=None):
         model_cfg = compose("config", overrides=[f"model={model_name}"]).model

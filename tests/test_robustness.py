@@ -422,7 +422,7 @@ def _augment(overrides: dict) -> DictConfig:
 def test_capture_augmentation_runs_in_the_batched_training_map(prepared_smoke) -> None:
     import tensorflow as tf
 
-    from soundmood import train
+    from soundmood import fitting
 
     x, y = load_split(prepared_smoke.data.prepared_dir, "train")
     x, y = x[:48], y[:48]
@@ -440,9 +440,9 @@ def test_capture_augmentation_runs_in_the_batched_training_map(prepared_smoke) -
         "random_downsample",
         "random_jpeg",
     ]
-    pipeline = train.augmentation(aug, 7)  # train's own pipeline ends with the same layers
+    pipeline = fitting.augmentation(aug, 7)  # train's own pipeline ends with the same layers
     assert [layer.name for layer in pipeline.layers[-4:]] == [layer.name for layer in layers]
-    batches = list(train.make_dataset(x, y, 5, 16, pipeline, seed=7))
+    batches = list(fitting.make_dataset(x, y, 5, 16, pipeline, seed=7))
     images = np.concatenate([b[0].numpy() for b in batches])
     assert images.shape == x.shape and images.dtype == np.uint8
     # Greyscale came through the map (JPEG's chroma rounding may leave a level of difference).

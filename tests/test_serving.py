@@ -44,7 +44,7 @@ def build_tiny_model():
     """A real (untrained, seeded) seed_cnn at 32 px: what the pyfunc wraps is the point here,
     not its accuracy."""
     from soundmood.models import build
-    from soundmood.train import compile_model, configure_tensorflow
+    from soundmood.fitting import compile_model, configure_tensorflow
 
     cfg = tiny_config()
     configure_tensorflow(2, cfg.seed)  # seeds the initial weights too

@@ -182,7 +182,7 @@ def test_prepare_is_byte_reproducible(
 
 
 def test_epoch_cap_draws_a_fresh_seeded_subset_of_the_larger_classes() -> None:
-    from soundmood.train import epoch_indices
+    from soundmood.fitting import epoch_indices
 
     y = np.repeat([0, 1, 2], [5, 40, 12])
     assert np.array_equal(epoch_indices(y, None, 0), np.arange(len(y)))
@@ -196,7 +196,7 @@ def test_epoch_cap_draws_a_fresh_seeded_subset_of_the_larger_classes() -> None:
 
 
 def test_class_weights_average_one_and_sqrt_halves_the_balanced_spread() -> None:
-    from soundmood.train import class_weights
+    from soundmood.fitting import class_weights
 
     y = np.repeat([0, 1, 2], [100, 400, 25])
     balanced, sqrt = class_weights(y, 3, "balanced"), class_weights(y, 3, "sqrt")
@@ -255,9 +255,9 @@ def test_mirrored_strategy_only_with_several_gpus(monkeypatch: pytest.MonkeyPatc
     machine runs the tests, so the strategy itself is stood in for.)"""
     import tensorflow as tf
 
-    from soundmood import train
+    from soundmood import fitting
 
-    assert train.distribution_strategy() is None  # this machine: CPU (or one GPU)
+    assert fitting.distribution_strategy() is None  # this machine: CPU (or one GPU)
     made = []
     monkeypatch.setattr(
         tf.config,
@@ -269,11 +269,11 @@ def test_mirrored_strategy_only_with_several_gpus(monkeypatch: pytest.MonkeyPatc
         "MirroredStrategy",
         lambda: made.append(1) or type("S", (), {"num_replicas_in_sync": 2})(),
     )
-    assert train.distribution_strategy() is not None and made == [1]
+    assert fitting.distribution_strategy() is not None and made == [1]
     monkeypatch.setattr(
         tf.config, "list_logical_devices", lambda kind=None: ["/gpu:0"] if kind == "GPU" else []
     )
-    assert train.distribution_strategy() is None and made == [1]
+    assert fitting.distribution_strategy() is None and made == [1]
 
 
 @pytest.mark.parametrize(
@@ -300,7 +300,7 @@ def test_stale_or_invalid_tuned_values_are_refused(
 
 def test_checkpoint_fingerprint_covers_training_config_only() -> None:
     """An evaluate or registry change keeps a resumable checkpoint; a training change does not."""
-    from soundmood.train import training_fingerprint
+    from soundmood.fitting import training_fingerprint
 
     cfg = compose_config()
     arrays = (np.zeros((4, 8, 8, 3), np.uint8), np.arange(4))
@@ -327,7 +327,7 @@ def test_ema_keeps_the_moving_average_that_validation_scored(
     average, whichever epoch validation picked."""
     import keras
 
-    from soundmood import train
+    from soundmood import fitting
     from soundmood.data.prepare import load_split
 
     class RecordFirstStep(keras.callbacks.Callback):
@@ -342,7 +342,7 @@ def test_ema_keeps_the_moving_average_that_validation_scored(
         prepared_smoke, {"train": {"warmup_epochs": 0, "epochs": 2, "ema_fraction": 1000}}
     )
     work = tmp_path / "work"
-    result = train.fit(
+    result = fitting.fit(
         cfg,
         load_split(cfg.data.prepared_dir, "train"),
         load_split(cfg.data.prepared_dir, "val"),
@@ -350,7 +350,7 @@ def test_ema_keeps_the_moving_average_that_validation_scored(
         extra_callbacks=[start],
         verbose=0,
     )
-    assert train.uses_ema(result.model) and result.best_epoch >= 0
+    assert fitting.uses_ema(result.model) and result.best_epoch >= 0
     trainable = [v.path for v in result.model.trainable_variables]
     kept = {v.path: v.numpy() for v in result.model.variables}
     # the last epoch's trained weights, as its checkpoint holds them (model.variables order)
