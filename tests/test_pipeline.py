@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT
+from tests.test_stage_deps import listed_code
 
 pytestmark = pytest.mark.slow
 SHARED = ROOT.parent / "shared"
@@ -167,6 +168,30 @@ def test_second_repro_does_nothing(pipeline: dict) -> None:
         f"first repro {pipeline['first_seconds']:.0f}s, no-op repro "
         f"{pipeline['second_seconds']:.1f}s"
     )
+
+
+def test_editing_a_stage_s_code_reruns_that_stage_and_no_other(pipeline: dict) -> None:
+    """In the scratch clone, after its repro: an edit to each source file in dvc.yaml makes
+    `dvc status` report exactly the stages that list it (tests/test_stage_deps.py checks those
+    lists are what each stage runs); an edit to cli.py, which only dispatches, reports none."""
+    repo, env = pipeline["repo"], pipeline["env"]
+    stages_of: dict[str, set[str]] = {"src/soundmood/cli.py": set()}
+    for stage, files in listed_code().items():
+        for rel in files:
+            stages_of.setdefault(rel, set()).add(stage)
+    wrong = []
+    for rel, stages in sorted(stages_of.items()):
+        path = repo / rel
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        try:
+            changed = set(json.loads(_sh(["dvc", "status", "--json"], repo, env).stdout))
+        finally:
+            path.write_bytes(original)
+        if changed != stages:
+            wrong.append(f"{rel}: dvc status reports {sorted(changed)}, expected {sorted(stages)}")
+    assert not wrong, "\n".join(wrong)
+    assert _sh(["dvc", "status", "--json"], repo, env).stdout.strip() in {"{}", ""}
 
 
 def test_clean_clone_registers_a_clean_commit(pipeline: dict) -> None:
