@@ -29,6 +29,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from soundmood import train, tune
 from soundmood.errors import ConfigError
+from soundmood.tune.report import handed_over
+from soundmood.tune.space import Param, parse_space, validate_tune, with_values
+from soundmood.tune.study import budget_used, study_name
 from tests.conftest import ROOT, compose_config, smoke_config
 
 FAST = ["model.frozen_layers=140", "tune.subset_fraction=0.5"]
@@ -47,7 +50,7 @@ def load_study(cfg: DictConfig) -> optuna.Study:
     if cfg.tune.storage not in _storages:
         _storages[cfg.tune.storage] = optuna.storages.RDBStorage(cfg.tune.storage)
     return optuna.load_study(
-        study_name=tune.study_name(cfg, tune.parse_space(cfg)), storage=_storages[cfg.tune.storage]
+        study_name=study_name(cfg, parse_space(cfg)), storage=_storages[cfg.tune.storage]
     )
 
 
@@ -74,7 +77,6 @@ def pruned_study(tmp_path_factory: pytest.TempPathFactory, prepared_smoke: DictC
             "tune.pruner_startup_trials=1",
             "tune.pruner_warmup_steps=0",
             "tune.sampler_startup_trials=10",
-            "tune.min_gain=0",  # the best trial's values are handed over, however small its lead
         ],
     )
     cfg.data.prepared_dir = prepared_smoke.data.prepared_dir
@@ -169,10 +171,10 @@ def test_best_params_are_handed_to_train(pruned_study: dict, tmp_path: Path) -> 
 
     applied, tuned = train.apply_tuned(cfg)
     assert tuned == best and applied.train.lr == best["train.lr"]
-    assert train.apply_tuned(tune.with_values(cfg, {"train.use_tuned": False}))[1] == {}
+    assert train.apply_tuned(with_values(cfg, {"train.use_tuned": False}))[1] == {}
 
     # a real (one-epoch) train run records which values came from tuning
-    run_cfg = tune.with_values(cfg, {"train.epochs": 1, "train.model_dir": str(tmp_path)})
+    run_cfg = with_values(cfg, {"train.epochs": 1, "train.model_dir": str(tmp_path)})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", pruned_study["uri"])
         mp.setattr(train, "WORK_DIR", tmp_path / ".work")
@@ -286,7 +288,7 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(
     assert [t.number for t in trials] == list(range(len(trials)))  # none lost, none twice
     assert trials[killed[0]].state == TrialState.FAIL
     assert trials[killed[0]].user_attrs["fail_reason"] == "orphaned"
-    assert tune.budget_used(study) == 3 and len(trials) == 4
+    assert budget_used(study) == 3 and len(trials) == 4
     assert all(t.state == TrialState.COMPLETE for t in trials if t.number not in killed)
     finished = [tuple(sorted(t.params.items())) for t in trials if t.number not in killed]
     assert len(set(finished)) == len(finished)  # the rerun did not replay the same draws
@@ -311,7 +313,7 @@ def space_cfg(space: dict) -> DictConfig:
 
 
 def test_space_parses_float_log_int_step_and_categorical() -> None:
-    params = tune.parse_space(
+    params = parse_space(
         space_cfg(
             {
                 "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -322,10 +324,8 @@ def test_space_parses_float_log_int_step_and_categorical() -> None:
         )
     )
     by_key = {p.key: p for p in params}
-    assert by_key["train.lr"] == tune.Param("train.lr", "float", 1e-4, 1e-2, log=True)
-    assert by_key["model.frozen_layers"] == tune.Param(
-        "model.frozen_layers", "int", 0, 100, step=20
-    )
+    assert by_key["train.lr"] == Param("train.lr", "float", 1e-4, 1e-2, log=True)
+    assert by_key["model.frozen_layers"] == Param("model.frozen_layers", "int", 0, 100, step=20)
     assert by_key["train.optimizer"].choices == ("adamw", "sgd")
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):  # real Optuna draws stay inside each declaration
@@ -334,8 +334,8 @@ def test_space_parses_float_log_int_step_and_categorical() -> None:
         assert all(by_key[k].contains(v) for k, v in values.items()), values
         assert values["model.frozen_layers"] % 20 == 0
         study.tell(trial, 0.0)
-    assert tune.Param("x", "int", 0, 100, step=20).contains(40)
-    assert not tune.Param("x", "int", 0, 100, step=20).contains(30)
+    assert Param("x", "int", 0, 100, step=20).contains(40)
+    assert not Param("x", "int", 0, 100, step=20).contains(30)
 
 
 @pytest.mark.parametrize(
@@ -359,13 +359,13 @@ def test_space_parses_float_log_int_step_and_categorical() -> None:
 )
 def test_bad_space_declarations_name_the_key(key: str, spec: object, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"tune.space.{key}")) as err:
-        tune.parse_space(space_cfg({key: spec}))
+        parse_space(space_cfg({key: spec}))
     assert message in str(err.value)
 
 
 def test_empty_space_fails_naming_tune_space() -> None:
     with pytest.raises(ConfigError, match=r"tune\.space"):
-        tune.parse_space(space_cfg({}))
+        parse_space(space_cfg({}))
 
 
 def test_study_follows_only_what_a_trial_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -377,7 +377,7 @@ def test_study_follows_only_what_a_trial_depends_on(monkeypatch: pytest.MonkeyPa
         cfg = compose_config(list(overrides))
         if space is not None:
             cfg.tune.space = space
-        return tune.study_name(cfg, tune.parse_space(cfg))
+        return study_name(cfg, parse_space(cfg))
 
     base = name()
     for same in (
@@ -386,7 +386,6 @@ def test_study_follows_only_what_a_trial_depends_on(monkeypatch: pytest.MonkeyPa
         ["train.model_dir=elsewhere"],
         ["tune.n_trials=50"],
         ["tune.storage=sqlite:///other.db"],
-        ["tune.min_gain=0.5"],
     ):
         assert name(same) == base, same
     # a tuned key's configured value is the baseline trial's, and what train gets by default
@@ -425,7 +424,12 @@ def test_dvc_reruns_tune_only_when_its_inputs_change(
     for dep in stage["deps"]:
         if dep != "prepared":
             (repo / dep).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / dep, repo / dep)
+            if (ROOT / dep).is_dir():
+                shutil.copytree(
+                    ROOT / dep, repo / dep, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy(ROOT / dep, repo / dep)
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
     (repo / "optuna.db").write_bytes(b"")
     (repo / "reports").mkdir()
@@ -462,9 +466,13 @@ def test_dvc_reruns_tune_only_when_its_inputs_change(
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert status() == "{}"
 
-    edit("src/soundmood/tune.py", '"""tune stage', '"""The tune stage')
-    assert "src/soundmood/tune.py" in status()
-    edit("src/soundmood/tune.py", '"""The tune stage', '"""tune stage')
+    assert "src/soundmood/tune" in stage["deps"]  # the whole package, each of its modules
+    for module in ("src/soundmood/tune/objective.py", "src/soundmood/tune/report.py"):
+        text = (repo / module).read_text()
+        (repo / module).write_text(text + "# edited\n")
+        assert "src/soundmood/tune" in status(), module
+        (repo / module).write_text(text)
+        assert status() == "{}", module
     (repo / "prepared" / "train_x.npy").write_bytes(b"other images")
     assert "prepared" in status()
 
@@ -480,44 +488,25 @@ def _finished(number: int, value: float, lr: float, baseline: bool = False) -> F
     return trial
 
 
-def test_a_lead_below_min_gain_keeps_the_configured_values() -> None:
+def test_the_best_trial_is_handed_over_only_when_it_beats_the_baseline() -> None:
     baseline = _finished(0, 0.80, 1e-3, baseline=True)
-    close, clear = _finished(1, 0.805, 3e-3), _finished(2, 0.83, 5e-4)
-    values, why = tune.handed_over(close, baseline, min_gain=0.015)
-    assert values == {"train.lr": 1e-3} and "0.0050 < tune.min_gain 0.015" in why
-    values, why = tune.handed_over(clear, baseline, min_gain=0.015)
-    assert values == {"train.lr": 5e-4} and "beats the baseline by 0.0300" in why
-    assert tune.handed_over(baseline, baseline, 0.015)[0] == {"train.lr": 1e-3}
-    assert tune.handed_over(close, None, 0.015)[0] == {"train.lr": 3e-3}
-    assert tune.handed_over(None, None, 0.015) == (
+    tie, worse, better = _finished(1, 0.80, 3e-3), _finished(2, 0.7, 3e-3), _finished(3, 0.83, 5e-4)
+    values, why = handed_over(better, baseline)
+    assert values == {"train.lr": 5e-4}
+    assert why == "best trial 3 beats the baseline trial 0 by 0.0300"
+    for best in (baseline, tie, worse):
+        values, why = handed_over(best, baseline)
+        assert values == {"train.lr": 1e-3} and "the configured values" in why
+    assert handed_over(tie, None)[0] == {"train.lr": 3e-3}
+    assert handed_over(None, None) == (
         {},
         "no trial completed; train keeps the configured values",
     )
-    with pytest.raises(ConfigError, match=re.escape("tune.min_gain: -0.1 is not a number >= 0")):
-        tune.validate_tune(OmegaConf.merge(compose_config().tune, {"min_gain": -0.1}))
 
 
-def _sleeping_study(seconds: float, budget_s: float, n_trials: int) -> list[int]:
-    """Trial numbers a real in-memory study runs with trials of `seconds`, under the stage's
-    deadline callback and, as `optimize` passes it, Optuna's own timeout."""
-    study = optuna.create_study(direction="maximize")
-    deadline = time.monotonic() + budget_s
-
-    def objective(trial: optuna.Trial) -> float:
-        time.sleep(seconds)
-        return trial.suggest_float("x", 0.0, 1.0)
-
-    study.optimize(
-        objective,
-        n_trials=n_trials,
-        timeout=budget_s,
-        callbacks=[tune.stop_before_deadline(deadline)],
-    )
-    return [t.number for t in study.trials]
-
-
-def test_no_trial_starts_that_would_end_past_the_timeout() -> None:
-    # Optuna's timeout alone starts a second 0.6 s trial at 0.6 s of a 1 s budget (ending at 1.2 s)
-    assert _sleeping_study(0.6, budget_s=1.0, n_trials=5) == [0]
-    # trials that fit keep coming until n_trials
-    assert _sleeping_study(0.05, budget_s=30.0, n_trials=3) == [0, 1, 2]
+def test_removed_budget_keys_are_not_in_the_config() -> None:
+    """The budget is n_trials (the same study on every machine), the hand-over rule has no gain
+    threshold: tune has no timeout_s and no min_gain."""
+    tune_cfg = compose_config().tune
+    assert "timeout_s" not in tune_cfg and "min_gain" not in tune_cfg
+    validate_tune(tune_cfg)

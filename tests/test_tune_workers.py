@@ -21,12 +21,14 @@ from optuna.trial import TrialState
 
 from soundmood import train, tune
 from soundmood.errors import UserError
+from soundmood.tune.study import budget_used
+from soundmood.tune.workers import worker_threads
 from tests.conftest import ROOT, compose_config, smoke_config
 from tests.test_tune import FAST, _cli_env, cli_setup, load_study, trials_of, wait_for
 
 pytest_plugins = ["tests.postgres"]
 
-CHEAP = [*FAST, "tune.epochs=1", "tune.pruner=none", "tune.timeout_s=300"]
+CHEAP = [*FAST, "tune.epochs=1", "tune.pruner=none"]
 
 
 def pid_of(trial) -> int:
@@ -55,7 +57,7 @@ def test_two_workers_share_one_study(
     trials = study.trials
     assert [t.number for t in trials] == list(range(len(trials)))
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
-    assert len(trials) == tune.budget_used(study) == 4  # the budget exactly, not overshot
+    assert len(trials) == budget_used(study) == 4  # the budget exactly, not overshot
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(params)) == len(params)
     workers = {t.user_attrs["worker"] for t in trials}
@@ -144,7 +146,7 @@ def test_killed_workers_trials_are_failed_on_the_next_start(
     assert set(killed) <= set(orphaned)
     assert all(t.state == TrialState.FAIL for t in trials if t.number in orphaned)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    assert tune.budget_used(study) == 5
+    assert budget_used(study) == 5
     assert len(trials) == 5 + len(orphaned)
     report = json.loads((Path(cfg.evaluate.reports_dir) / "tune.json").read_text())
     assert report["trials_counted"] == 5
@@ -159,9 +161,9 @@ def test_killed_workers_trials_are_failed_on_the_next_start(
 
 def test_worker_threads_share_the_cores_and_bad_counts_fail() -> None:
     cfg = compose_config(["train.threads=8"])
-    assert [tune.worker_threads(cfg, n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    assert [worker_threads(cfg, n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
     cfg = compose_config(["train.threads=0"])  # 0: TensorFlow's default, every core
-    assert tune.worker_threads(cfg, 2) == max(1, (os.cpu_count() or 1) // 2)
+    assert worker_threads(cfg, 2) == max(1, (os.cpu_count() or 1) // 2)
     for workers in (0, -1):
         with pytest.raises(UserError, match="--workers"):
             tune.cli(cfg, argparse.Namespace(workers=workers))
