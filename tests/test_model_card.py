@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from soundmood import model_card, registry
 from soundmood.model_card import MISSING, Tag
+from soundmood.registry import commands
 from tests.test_serving import build_tiny_model, log_in_run, tiny_config
 
 CLASSES = ("angry", "happy", "neutral", "sad", "surprised")
@@ -77,7 +78,7 @@ def register_from_reports(cfg: DictConfig, model, quality: float) -> str:
     (reports / "train_run.json").write_text(json.dumps({"mlflow_run_id": run_id, **train_run}))
     evaluation = {"mlflow_run_id": run_id, "model_uri": uri, "test_images": 250}
     (reports / "evaluation.json").write_text(json.dumps(evaluation))
-    assert registry.register_cli(cfg) == 0
+    assert commands.register_cli(cfg) == 0
     return str(json.loads((reports / "registry.json").read_text())["version"])
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from soundmood import model_card, registry
 from soundmood.errors import UserError
-from soundmood.registry import CHALLENGER, CHAMPION, Facts, Tag, gate
+from soundmood.registry import CHALLENGER, CHAMPION, Facts, Tag, commands, gate
 from tests.conftest import compose_config
 from tests.test_serving import build_tiny_model, log_in_run, tiny_config
 
@@ -222,16 +222,16 @@ def test_other_test_data_is_refused_until_forced_with_a_reason(cfg, keras_model,
     registry.promote(cfg, v1)
     v2 = add_version(cfg, keras_model, 0.90, data="md5-b")
     args = argparse.Namespace(version=int(v2), force=False, reason=None)
-    assert registry.promote_cli(cfg, args) == 1
+    assert commands.promote_cli(cfg, args) == 1
     assert "different test data (data md5-b vs md5-a)" in capsys.readouterr().out
     assert aliases(cfg) == {CHAMPION: v1, CHALLENGER: v2}
 
     with pytest.raises(UserError, match="--force needs --reason"):
-        registry.promote_cli(cfg, argparse.Namespace(version=int(v2), force=True, reason=None))
+        commands.promote_cli(cfg, argparse.Namespace(version=int(v2), force=True, reason=None))
     with pytest.raises(UserError, match="no version 99"):
-        registry.promote_cli(cfg, argparse.Namespace(version=99, force=False, reason=None))
+        commands.promote_cli(cfg, argparse.Namespace(version=99, force=False, reason=None))
     forced = argparse.Namespace(version=None, force=True, reason="test set relabelled")
-    assert registry.promote_cli(cfg, forced) == 0  # --version defaults to the latest
+    assert commands.promote_cli(cfg, forced) == 0  # --version defaults to the latest
     shown = capsys.readouterr().out  # the diff against the champion, before the alias moves
     assert shown.index(f"v{v2} (challenger)") < shown.index(f"v{v2} promoted to champion")
     assert "would refuse: " in shown and "forced: test set relabelled" in shown
@@ -240,7 +240,7 @@ def test_other_test_data_is_refused_until_forced_with_a_reason(cfg, keras_model,
     assert tags[Tag.FORCED] == "true" and tags[Tag.GATE] == "forced"
     assert tags[Tag.PROMOTION_REASON].startswith("forced: test set relabelled")
 
-    assert registry.models_cli(cfg, argparse.Namespace()) == 0
+    assert commands.models_cli(cfg, argparse.Namespace()) == 0
     table = capsys.readouterr().out
     assert "champion" in table and "challenger" not in table and "md5-b" in table
 
@@ -274,7 +274,7 @@ def test_register_stage_after_a_real_evaluate(
     (reports / "train_run.json").write_text(json.dumps({"mlflow_run_id": run.info.run_id}))
 
     evaluate.run(cfg)
-    assert registry.register_cli(cfg) == 0
+    assert commands.register_cli(cfg) == 0
     report = json.loads((reports / "registry.json").read_text())
     assert report["name"] == "soundmood-fer" and report["version"] == 1
     assert report["decision"] == "refused" and "min_class_recall" in report["reason"]
@@ -297,14 +297,14 @@ def test_register_stage_after_a_real_evaluate(
         assert model_card.table_row([name, f"{scores['accuracy']:.4f}"])[:-2] in card
     assert "## Promotion gate: refused" in card and "min_class_recall" in card
 
-    assert registry.register_cli(cfg) == 0  # a re-run registers no duplicate
+    assert commands.register_cli(cfg) == 0  # a re-run registers no duplicate
     assert [str(mv.version) for mv in registry.all_versions(cfg.registry.model_name)] == ["1"]
     served = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHALLENGER}")
     assert served.metadata.get_input_schema().input_names() == ["image"]
 
     override = argparse.Namespace(version=1, force=True, reason="smoke model, for the demo")
-    assert registry.promote_cli(cfg, override) == 0
-    assert registry.register_cli(cfg) == 0
+    assert commands.promote_cli(cfg, override) == 0
+    assert commands.register_cli(cfg) == 0
     report = json.loads((reports / "registry.json").read_text())
     assert (report["decision"], report["champion"]) == ("champion", 1)
     assert aliases(cfg) == {CHAMPION: "1"}

@@ -12,6 +12,7 @@ import pytest
 
 from soundmood import registry
 from soundmood.errors import UserError
+from soundmood.registry import commands
 from soundmood.version_diff import HIGHER, LOWER
 from tests import test_model_card
 from tests.test_model_card import CLASSES, CONDITIONS, register_from_reports, reports_of
@@ -22,7 +23,7 @@ keras_model = test_model_card.keras_model
 
 
 def diff_json(cfg, capsys, *refs: str) -> dict:
-    assert registry.models_cli(cfg, argparse.Namespace(diff=list(refs), json=True)) == 0
+    assert commands.models_cli(cfg, argparse.Namespace(diff=list(refs), json=True)) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -85,7 +86,7 @@ def test_the_diff_of_two_registered_versions_has_the_reports_deltas(cfg, keras_m
     assert back[("overall", "macro_f1")] == pytest.approx(0.62 - 0.71)
     assert reverse["gate"]["promote"] is False
 
-    assert registry.models_cli(cfg, argparse.Namespace(diff=[], json=False)) == 0
+    assert commands.models_cli(cfg, argparse.Namespace(diff=[], json=False)) == 0
     table = capsys.readouterr().out
     assert f"v{second} (challenger)" in table and f"v{first} (champion)" in table
     assert "+0.0900" in table and "would promote" in table
@@ -95,11 +96,11 @@ def test_a_missing_version_or_alias_is_a_user_error(cfg, keras_model, capsys):
     only = register_from_reports(cfg, keras_model, 0.7)  # promoted: no challenger left
     capsys.readouterr()
     with pytest.raises(UserError, match=r"no version or alias 'challenger' \(aliases: champion"):
-        registry.models_cli(cfg, argparse.Namespace(diff=[], json=True))
+        commands.models_cli(cfg, argparse.Namespace(diff=[], json=True))
     with pytest.raises(UserError, match="no version 9"):
-        registry.models_cli(cfg, argparse.Namespace(diff=["9", only], json=True))
+        commands.models_cli(cfg, argparse.Namespace(diff=["9", only], json=True))
     with pytest.raises(UserError, match="at most two"):
-        registry.models_cli(cfg, argparse.Namespace(diff=["1", "1", "1"], json=True))
+        commands.models_cli(cfg, argparse.Namespace(diff=["1", "1", "1"], json=True))
     same = diff_json(cfg, capsys, only, "champion")
     assert all(row["delta"] == 0 for row in same["rows"])
     assert same["gate"] == {"promote": False, "reason": "version 1 is already the champion"}

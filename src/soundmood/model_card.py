@@ -6,7 +6,7 @@ metrics.json as test_<key>, robustness.json as robust_<condition>_<stat>, the te
 train) and the gate's decision recorded as tags, so the card is a pure function of what the
 registry holds: re-rendering it after a promotion, or after a killed `register`, gives the same
 text. Known limits are derived from the figures (the weakest classes and capture conditions),
-never written by hand. No MLflow here: registry.py reads and writes; this module renders.
+never written by hand. No MLflow here: soundmood.registry.store reads and writes; this renders.
 """
 
 from __future__ import annotations

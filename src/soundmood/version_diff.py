@@ -2,8 +2,8 @@
 with deltas (`soundmood models --diff A B`, and `soundmood promote` before it moves the alias).
 
 The figures are the versions' tags, parsed by soundmood.model_card (the card shows the same
-numbers); the gate's verdict is computed by registry.gate and passed in, so this module only
-arranges numbers. A delta is A minus B; `better` says which direction is an improvement.
+numbers); the gate's verdict is computed by soundmood.registry.gate and passed in, so this
+module only arranges numbers. A delta is A minus B; `better` says which direction is an improvement.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ VERSION_COLUMNS = (
 
 
 def versions_table(title: str, entries: Sequence[dict[str, Any]]) -> Table:
-    """One row per version; `entries` as registry.version_entry makes them."""
+    """One row per version; `entries` as soundmood.registry.commands.version_entry makes them."""
     table = Table(title=title)
     for column in VERSION_COLUMNS:
         table.add_column(column, justify="right" if column == "version" else "left")
