@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+import soundmood.tune.study as tune_study
 from soundmood import train, tune
 from soundmood.errors import ConfigError
 from soundmood.tune.report import handed_over
@@ -84,7 +85,7 @@ def pruned_study(tmp_path_factory: pytest.TempPathFactory, prepared_smoke: DictC
     with pytest.MonkeyPatch.context() as mp:
         uri = f"sqlite:///{work / 'mlflow.db'}"
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setattr(train, "WORK_DIR", work / ".work")
+        mp.setattr(tune_study, "WORK_DIR", work / ".work")
         mp.chdir(ROOT)  # data_version() reads data.dvc
         start = time.perf_counter()
         report = tune.run(cfg)

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from soundmood import train, tune
+import soundmood.tune.study as tune_study
+from soundmood import tune
 from soundmood.errors import UserError
 from soundmood.tune.study import budget_used
 from soundmood.tune.workers import worker_threads
@@ -47,7 +48,7 @@ def test_two_workers_share_one_study(
     cfg.data.prepared_dir = prepared_smoke.data.prepared_dir
     cfg.tune.storage = postgres_url
     monkeypatch.setenv("SOUNDMOOD_WORK_DIR", str(tmp_path / ".work"))  # read by the workers
-    monkeypatch.setattr(train, "WORK_DIR", tmp_path / ".work")
+    monkeypatch.setattr(tune_study, "WORK_DIR", tmp_path / ".work")
     monkeypatch.chdir(ROOT)
     start = time.perf_counter()
     report = tune.run(cfg, workers=2)

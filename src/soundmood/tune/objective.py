@@ -22,9 +22,9 @@ import optuna
 from omegaconf import DictConfig
 from optuna_integration import KerasPruningCallback
 
-from soundmood import train
 from soundmood.config import validate
 from soundmood.errors import ConfigError
+from soundmood.fitting import fit
 from soundmood.tune.space import Param, with_values
 from soundmood.tune.study import budget_taken, trial_work_dir, worker_id
 
@@ -141,7 +141,7 @@ class Objective:
             )
         )
         try:
-            result = train.fit(
+            result = fit(
                 trial_cfg,
                 self.train_data,
                 self.val_data,

@@ -30,9 +30,9 @@ from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from soundmood import train
 from soundmood.config import flatten
 from soundmood.data.layout import data_version
+from soundmood.fitting import WORK_DIR
 from soundmood.processes import is_alive
 from soundmood.tune.space import Param, configured_values
 
@@ -225,7 +225,7 @@ def enqueue_baseline(study: optuna.Study, cfg: DictConfig, params: list[Param]) 
 
 
 def trial_work_dir(name: str, number: int) -> Path:
-    return train.WORK_DIR / f"tune-{name}-{number}"
+    return WORK_DIR / f"tune-{name}-{number}"
 
 
 def stop_at_budget(n_trials: int) -> Callable[[optuna.Study, FrozenTrial], None]:
