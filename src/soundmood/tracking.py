@@ -8,22 +8,20 @@ stage's parent run is linked to it by the `soundmood.tune_run_id` tag.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import time
 import warnings
 from pathlib import Path
 
 import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from soundmood.config import flatten
 from soundmood.data.layout import data_version
-
-
-def tracking_uri(cfg: DictConfig) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+from soundmood.mlflow_store import tracking_uri
 
 
 def setup(cfg: DictConfig) -> str:
@@ -88,9 +86,6 @@ def log_config(cfg: DictConfig) -> None:
 
 def log_dataset(cfg: DictConfig, split: str, context: str) -> None:
     """Record the data version (data.dvc md5) as the run's dataset input."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
     with warnings.catch_warnings():  # a local folder matches two equivalent source classes
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(Path(cfg.data.root).resolve() / split))

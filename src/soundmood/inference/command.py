@@ -6,8 +6,7 @@ reports/train.json, else none: every answer confident); a photo's mood combines 
 faces, and is null with `mood_reason` when none is.
 
 Exit codes: 0 when at least one photo was read (a photo without (confident) faces counts: mood
-null),
-2 when every file failed to read, no photo was found, the model/config is unusable, or
+null), 2 when every file failed to read, no photo was found, the model/config is unusable, or
 --annotate would replace or mix with existing files (refused before the model loads).
 Unreadable files are named on stderr (and in their JSON line / table row); the batch goes on.
 Every case and its message: docs/inference.md, "Errors and what you see".

@@ -25,7 +25,7 @@ from soundmood.config import load
 from soundmood.data.images import load_face, open_image, to_rgb
 from soundmood.data.layout import list_split
 from soundmood.inference.detect import Face, detect_faces
-from soundmood.inference.predict import classify, input_size, load_model
+from soundmood.inference.predict import classify, input_size, load_model, predict_photo
 from soundmood.inference.settings import Settings, from_config
 
 CANDIDATES = [("box", m) for m in (-0.1, -0.05, 0.0, 0.05, 0.1, 0.2)] + [
@@ -144,8 +144,6 @@ def _acc(probs: np.ndarray, y: np.ndarray) -> float:
 
 def latency(model_path: str, photos: list[Path], repeats: int, cfg: object) -> dict:
     """Median seconds per photo (detection, classification) after one warm-up call."""
-    from soundmood.inference.predict import predict_photo
-
     model = load_model(model_path)
     out = {}
     for path in photos:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -20,6 +21,7 @@ from soundmood.forward import OnnxForward, tta_probabilities
 from soundmood.inference.detect import Box, Face, detect_faces
 from soundmood.inference.mood import NO_THRESHOLD, confident, confident_mood
 from soundmood.inference.settings import Settings, from_config
+from soundmood.mlflow_store import tracking_uri
 
 
 class ModelLoadError(UserError):
@@ -247,12 +249,10 @@ def _load(uri: str, cfg: DictConfig | None) -> tuple[Any, dict | None]:
 
 
 def _download(uri: str, cfg: DictConfig | None) -> Path:
-    import mlflow
+    import mlflow  # deferred: seconds of start-up that a .keras file does not need
     from mlflow.exceptions import MlflowException
 
     if cfg is not None:
-        from soundmood.tracking import tracking_uri
-
         mlflow.set_tracking_uri(tracking_uri(cfg))
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
@@ -261,14 +261,12 @@ def _download(uri: str, cfg: DictConfig | None) -> Path:
 
 
 def _from_mlflow_folder(folder: Path, uri: str) -> tuple[Any, dict | None]:
-    import yaml
-
     mlmodel = folder / "MLmodel"
     if not mlmodel.is_file():
         raise ModelLoadError(f"--model {uri}: {folder} has no MLmodel file")
     flavors = yaml.safe_load(mlmodel.read_text()).get("flavors", {})
     if "keras" in flavors:
-        import mlflow
+        import mlflow  # deferred, as in _download
 
         return _checked(mlflow.keras.load_model(str(folder)), uri), None
     # the served pyfunc's model_config (detect_faces, inference, min_confidence)
@@ -288,7 +286,7 @@ def _from_mlflow_folder(folder: Path, uri: str) -> tuple[Any, dict | None]:
 def _load_keras(path: Path, uri: str) -> Any:
     """A .keras file as a Keras model. Keras says "File not found" for any file that is not a
     zip archive, so a truncated or corrupt file is named as what it is."""
-    import keras
+    import keras  # deferred: TensorFlow's start-up, which an ONNX model does not need
 
     unreadable = f"--model {uri}: {path} is not a readable Keras model (truncated or corrupt"
     if not zipfile.is_zipfile(path):
