@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from soundmood import calibration, evaluate, robustness
+from soundmood import calibration, evaluate
+from soundmood.conditions import CLEAN
 from soundmood.data.prepare import load_split
 from tests.conftest import compose_config
 
@@ -157,7 +158,7 @@ def test_reliability_csv_counts_every_test_face(evaluated: dict) -> None:
 def test_selective_csv_has_a_thinned_curve_per_condition(evaluated: dict) -> None:
     with open(evaluated["reports"] / "plots" / "selective.csv") as f:
         rows = list(csv.DictReader(f))
-    names = [robustness.CLEAN, *evaluated["cfg"].evaluate.conditions]
+    names = [CLEAN, *evaluated["cfg"].evaluate.conditions]
     assert list(dict.fromkeys(r["condition"] for r in rows)) == names
     robust = json.loads((evaluated["reports"] / "robustness.json").read_text())
     for name in names:
@@ -165,7 +166,7 @@ def test_selective_csv_has_a_thinned_curve_per_condition(evaluated: dict) -> Non
         assert 1 < len(curve) <= evaluate.SELECTIVE_POINTS + 1
         coverage = [float(r["coverage"]) for r in curve]
         assert coverage == sorted(coverage) and coverage[-1] == 1.0
-        scores = robust["clean"] if name == robustness.CLEAN else robust["conditions"][name]
+        scores = robust["clean"] if name == CLEAN else robust["conditions"][name]
         assert float(curve[-1]["accuracy"]) == pytest.approx(scores["accuracy"], abs=1e-4)
 
 

@@ -1,7 +1,7 @@
-"""Capture conditions on real RAF-DB faces: each transform is deterministic and does what it
+"""Capture conditions on real RAF-DB faces: each degradation is deterministic and does what it
 claims, evaluation scores and logs every configured condition to a real MLflow store, bad
-configuration fails before any work, the promotion floor refuses, and the capture augmentation
-layers run in train's batched tf.data map."""
+configuration fails before any work and the promotion floor refuses (the training side of the
+same degradations: test_augmentation.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from soundmood import calibration, robustness
+from soundmood import calibration, conditions, robustness
 from soundmood.data.images import load_face
 from soundmood.data.prepare import load_split
 from soundmood.errors import ConfigError
@@ -22,8 +21,8 @@ from tests.conftest import compose_config
 CLASSES = ("angry", "happy", "neutral", "sad", "surprised")
 
 
-def configured() -> dict[str, robustness.Condition]:
-    return {c.name: c for c in robustness.check_config(compose_config())}
+def configured() -> dict[str, conditions.Condition]:
+    return {c.name: c for c in conditions.check_config(compose_config())}
 
 
 def faces(data_root: Path, size: int, per_class: int = 2) -> np.ndarray:
@@ -34,8 +33,18 @@ def faces(data_root: Path, size: int, per_class: int = 2) -> np.ndarray:
     return np.stack([load_face(p, size) for p in paths])
 
 
-def condition(name: str) -> robustness.Condition:
-    return configured()[name]
+class Configured:
+    """A configured condition, applied as evaluation applies it."""
+
+    def __init__(self, cond: conditions.Condition) -> None:
+        self.cond, self.params = cond, cond.params
+
+    def apply(self, images: np.ndarray, seed: int) -> np.ndarray:
+        return robustness.condition_images(self.cond, images, seed)
+
+
+def condition(name: str) -> Configured:
+    return Configured(configured()[name])
 
 
 # --- every configured transform ------------------------------------------------------------------
@@ -101,7 +110,7 @@ def test_jpeg_round_trip_decodes_to_a_degraded_copy(data_root: Path) -> None:
     assert (mse > 0).all()
     assert (10 * np.log10(255**2 / mse) > 25).all()  # the same face, with compression artefacts
     # A stronger compression of the same faces loses more: the quality parameter is used.
-    worse = robustness.parse_conditions({"jpeg": {"quality": 5}})[0].apply(x, 0)
+    worse = Configured(conditions.parse_conditions({"jpeg": {"quality": 5}})[0]).apply(x, 0)
     assert ((worse.astype(float) - x) ** 2).mean() > mse.mean()
 
 
@@ -120,8 +129,9 @@ def test_rotate_alternates_the_sign_per_image(data_root: Path) -> None:
     pair = np.stack([face, face[:, ::-1]])  # the mirror image, at an odd index
     out = condition("rotate").apply(pair, 0)
     assert out.shape == pair.shape
-    # Rotating the mirror image the other way is the mirror of the rotated image.
-    assert np.array_equal(out[1], out[0][:, ::-1])
+    # Rotating the mirror image the other way is the mirror of the rotated image (up to a level
+    # where float32 sampling points round differently on the two sides).
+    assert np.abs(out[1].astype(int) - out[0][:, ::-1]).max() <= 1
     assert np.abs(out[0].astype(int) - face).mean() > 10
 
 
@@ -186,7 +196,7 @@ def test_tight_crop_enlarges_the_centre(data_root: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("conditions", "key"),
+    ("given", "key"),
     [
         ({"blur": {"sigma": 2}}, "evaluate.conditions.blur: unknown condition 'blur'"),
         ({"jpeg": {"quality": 0}}, "evaluate.conditions.jpeg.quality: 0 is outside"),
@@ -209,14 +219,14 @@ def test_tight_crop_enlarges_the_centre(data_root: Path) -> None:
         ),
     ],
 )
-def test_bad_condition_or_parameter_is_named(conditions: dict, key: str) -> None:
+def test_bad_condition_or_parameter_is_named(given: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")):
-        robustness.parse_conditions(conditions)
+        conditions.parse_conditions(given)
 
 
 def test_a_second_level_of_a_transform_under_its_own_name() -> None:
-    (cond,) = robustness.parse_conditions({"jpeg_q10": {"transform": "jpeg", "quality": 10}})
-    assert (cond.name, cond.transform, cond.params) == ("jpeg_q10", "jpeg", {"quality": 10})
+    (cond,) = conditions.parse_conditions({"jpeg_q10": {"transform": "jpeg", "quality": 10}})
+    assert (cond.name, cond.degradation, cond.params) == ("jpeg_q10", "jpeg", {"quality": 10})
 
 
 def test_bad_condition_fails_before_any_work(prepared_smoke) -> None:
@@ -242,8 +252,8 @@ def test_evaluation_writes_and_logs_every_condition(
     from sklearn.metrics import recall_score
 
     from soundmood.evaluate import predict_proba
+    from soundmood.fitting import configure_tensorflow
     from soundmood.models import build
-    from soundmood.train import configure_tensorflow
 
     cfg = prepared_smoke.copy()
     configure_tensorflow(cfg.train.threads, cfg.seed)
@@ -306,7 +316,6 @@ def test_evaluation_writes_and_logs_every_condition(
     rows = (reports / "plots" / "robustness.csv").read_text().splitlines()
     assert rows[0] == "condition,accuracy"
     assert [r.split(",")[0] for r in rows[1:]] == ["clean", *names]
-    assert (reports / "plots" / "robustness.png").read_bytes()[:4] == b"\x89PNG"
 
     mlflow.set_experiment("robustness-test")
     with mlflow.start_run() as run:
@@ -326,7 +335,7 @@ def test_evaluation_writes_and_logs_every_condition(
         Path(a.path).name
         for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "robustness")
     }
-    assert artifacts == {"robustness.json", "robustness.csv", "robustness.png"}
+    assert artifacts == {"robustness.json", "robustness.csv"}
     # The gate reads the same figures back from the run (confident_accuracy is not a condition).
     assert robustness.condition_accuracies(logged) == {
         n: result["conditions"][n]["accuracy"] for n in names
@@ -402,93 +411,3 @@ def test_condition_floor_refuses_a_model_without_condition_metrics() -> None:
     message = robustness.condition_floor_failure({"test_accuracy": 0.9}, 0.5)
     assert message is not None and "robust_<condition>_accuracy" in message
     assert robustness.condition_floor_failure({"test_accuracy": 0.9}, 0.0) is None
-
-
-# --- training augmentation -----------------------------------------------------------------------
-
-CAPTURE_AUGMENT = {
-    "greyscale": 0.1,
-    "downsample": {"probability": 0.25, "min_fraction": 0.4},
-    "jpeg": {"probability": 0.25, "min_quality": 25, "max_quality": 95},
-    "gamma": {"probability": 0.25, "max_gamma": 2.2, "min_gain": 0.5},
-}
-
-
-def _augment(overrides: dict) -> DictConfig:
-    base = OmegaConf.to_container(compose_config().train.augment)  # open to the capture keys
-    return OmegaConf.merge(base, CAPTURE_AUGMENT, overrides)
-
-
-def test_capture_augmentation_runs_in_the_batched_training_map(prepared_smoke) -> None:
-    import tensorflow as tf
-
-    from soundmood import fitting
-
-    x, y = load_split(prepared_smoke.data.prepared_dir, "train")
-    x, y = x[:48], y[:48]
-    always = {
-        "greyscale": 1.0,
-        "downsample": {"probability": 1.0},
-        "jpeg": {"probability": 1.0},
-        "gamma": {"probability": 1.0},
-    }
-    aug = _augment(always)
-    layers = robustness.augmentation_layers(aug, seed=7)
-    assert [layer.name for layer in layers] == [
-        "random_gamma",
-        "random_greyscale",
-        "random_downsample",
-        "random_jpeg",
-    ]
-    pipeline = fitting.augmentation(aug, 7)  # train's own pipeline ends with the same layers
-    assert [layer.name for layer in pipeline.layers[-4:]] == [layer.name for layer in layers]
-    batches = list(fitting.make_dataset(x, y, 5, 16, pipeline, seed=7))
-    images = np.concatenate([b[0].numpy() for b in batches])
-    assert images.shape == x.shape and images.dtype == np.uint8
-    # Greyscale came through the map (JPEG's chroma rounding may leave a level of difference).
-    assert np.abs(images[..., 0].astype(int) - images[..., 1]).max() <= 1
-
-    floats = tf.cast(x, tf.float32)
-    for layer in layers:
-        out = layer(floats, training=True).numpy()
-        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 255
-        assert np.abs(out - x).mean() > 1.0, layer.name
-        assert np.array_equal(layer(floats, training=False).numpy(), x.astype(np.float32))
-    gamma, grey, down, jpeg = (layer(floats, training=True).numpy() for layer in layers)
-    assert gamma.mean() < x.mean()  # gains <= 1 darken on average
-    assert np.array_equal(grey[..., 0], grey[..., 2])
-    assert _detail(down) < 0.8 * _detail(x)  # fine detail removed
-    assert 0 < np.abs(jpeg - x).mean() < 10
-
-
-def _detail(images: np.ndarray) -> float:
-    """Mean absolute difference between horizontal neighbours: high-frequency content."""
-    return float(np.abs(np.diff(images.astype(float), axis=2)).mean())
-
-
-def test_capture_augmentation_off_when_absent_or_zero() -> None:
-    base = {k: v for k, v in compose_config().train.augment.items() if k not in CAPTURE_AUGMENT}
-    assert robustness.augmentation_layers(base, seed=0) == []
-    off = {
-        "greyscale": 0.0,
-        "downsample": None,
-        "jpeg": {"probability": 0.0},
-        "gamma": {"probability": 0},
-    }
-    assert robustness.augmentation_layers(_augment(off), seed=0) == []
-
-
-@pytest.mark.parametrize(
-    ("overrides", "key"),
-    [
-        ({"greyscale": 1.5}, "train.augment.greyscale"),
-        ({"jpeg": {"min_quality": 0}}, "train.augment.jpeg.min_quality"),
-        ({"jpeg": {"min_quality": 90, "max_quality": 30}}, "train.augment.jpeg.min_quality"),
-        ({"downsample": {"min_fraction": 0}}, "train.augment.downsample.min_fraction"),
-        ({"gamma": {"max_gamma": 0.5}}, "train.augment.gamma.max_gamma"),
-        ({"gamma": {"strength": 1}}, "train.augment.gamma.strength"),
-    ],
-)
-def test_bad_augment_value_is_named(overrides: dict, key: str) -> None:
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        robustness.augmentation_layers(_augment(overrides), seed=0)

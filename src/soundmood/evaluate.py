@@ -22,7 +22,7 @@ import matplotlib
 import mlflow
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import (
     ConfusionMatrixDisplay,
     accuracy_score,
@@ -33,6 +33,7 @@ from sklearn.metrics import (
 
 from soundmood import calibration, robustness, serving, tracking
 from soundmood.calibration import Reliability, Selective
+from soundmood.conditions import CLEAN, check_config
 from soundmood.data.prepare import load_split
 from soundmood.export import ONNX_FILE, export_served, served_forward
 from soundmood.fileio import atomic_path, write_json, write_text
@@ -274,7 +275,7 @@ def selective_png(curves: dict[str, Selective], min_confidence: float, out: Path
     split's operating point at the threshold in force marked."""
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for name, curve in curves.items():
-        clean = name == robustness.CLEAN
+        clean = name == CLEAN
         ax.plot(
             curve.coverage,
             curve.accuracy,
@@ -282,8 +283,8 @@ def selective_png(curves: dict[str, Selective], min_confidence: float, out: Path
             linewidth=2.0 if clean else 1.0,
             color="black" if clean else None,
         )
-    if robustness.CLEAN in curves:
-        coverage, accuracy = curves[robustness.CLEAN].at(min_confidence)
+    if CLEAN in curves:
+        coverage, accuracy = curves[CLEAN].at(min_confidence)
         if not math.isnan(accuracy):
             ax.plot(
                 [coverage],
@@ -317,8 +318,6 @@ def log_model(
     """Log the served model (soundmood.serving: encoded images in, class probabilities out) and
     return its models:/ URI. `exported`: a folder export_served wrote (None: export here).
     `min_confidence`: the threshold its `confident` column applies (None: serving's default)."""
-    from omegaconf import OmegaConf
-
     with tempfile.TemporaryDirectory() as tmp:
         files = (
             (exported / MODEL_FILE, exported / ONNX_FILE)
@@ -341,7 +340,7 @@ def log_model(
 
 def run(cfg: DictConfig) -> dict:
     """The `evaluate` stage."""
-    robustness.check_config(cfg)  # a bad condition fails before the model is even loaded
+    check_config(cfg)  # a bad condition fails before the model is even loaded
     model = keras.models.load_model(Path(cfg.train.model_dir) / MODEL_FILE)
     x, y = load_split(cfg.data.prepared_dir, "test")
     with tempfile.TemporaryDirectory(prefix="soundmood-served-") as exported:

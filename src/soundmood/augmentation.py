@@ -1,0 +1,103 @@
+"""Training's random capture degradations: train.augment's greyscale, gamma, downsample and jpeg
+sections as Keras layers for the batched float32 [0, 255] tf.data map of fitting.make_dataset.
+Each runs the function of soundmood.degradations that evaluation's conditions run, with
+parameters drawn per image; keras has no layer for gamma, down-up sampling or JPEG, and one layer
+class draws all four the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+from omegaconf import DictConfig
+
+from soundmood.conditions import check_augment
+from soundmood.degradations import apply_batch, dark, grey, jpeg, lowres
+
+# From a (N, k) batch of uniform draws in [0, 1) to the degradation's per-image arguments.
+Draw = Callable[[tf.Tensor], dict[str, tf.Tensor]]
+
+
+class RandomDegradation(keras.layers.Layer):
+    """With `probability` per image, `degradation` with the arguments `draw` makes of `draws`
+    uniform numbers; images not chosen pass through untouched, and at inference all do."""
+
+    def __init__(
+        self,
+        degradation: Callable[..., tf.Tensor],
+        probability: float,
+        draw: Draw,
+        draws: int,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.degradation, self.probability = degradation, probability
+        self.draw, self.draws = draw, draws
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+        if not training:
+            return images
+        u = keras.random.uniform((tf.shape(images)[0], 1 + self.draws), seed=self.generator)
+        # Degrade the chosen images only: the tf.image ops are the costly part.
+        chosen = tf.where(u[:, 0] < self.probability)
+        arguments = self.draw(tf.gather(u[:, 1:], chosen[:, 0]))
+        out = apply_batch(self.degradation, tf.gather(images, chosen[:, 0]), arguments)
+        return tf.tensor_scatter_nd_update(images, chosen, out)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return input_shape
+
+
+def _between(low: float, high: float, u: tf.Tensor) -> tf.Tensor:
+    return low + (high - low) * u
+
+
+def augmentation_layers(aug: Mapping[str, Any] | DictConfig, seed: int) -> list[keras.Layer]:
+    """Random capture degradations to append to fitting's augmentation: gamma/gain, greyscale,
+    down-up sampling, JPEG, in the order a camera pipeline would apply them; each layer gets its
+    own seed so that their random draws are independent."""
+    checked = check_augment(aug)
+    layers: list[keras.Layer] = []
+    if g := checked["gamma"]:
+        log_max = math.log(g["max_gamma"])
+
+        def gamma(u: tf.Tensor) -> dict[str, tf.Tensor]:  # log-uniform in [1/max, max]
+            gain = _between(g["min_gain"], 1.0, u[:, 1])
+            return {"gamma": tf.exp(_between(-log_max, log_max, u[:, 0])), "brightness": gain}
+
+        layers.append(
+            RandomDegradation(dark, g["probability"], gamma, 2, seed + 101, name="random_gamma")
+        )
+    if checked["greyscale"] > 0:
+        layers.append(
+            RandomDegradation(
+                grey, checked["greyscale"], lambda u: {}, 0, seed + 102, name="random_greyscale"
+            )
+        )
+    if d := checked["downsample"]:
+
+        def fraction(u: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"size_fraction": _between(d["min_fraction"], 1.0, u[:, 0])}
+
+        layers.append(
+            RandomDegradation(
+                lowres, d["probability"], fraction, 1, seed + 103, name="random_downsample"
+            )
+        )
+    if j := checked["jpeg"]:
+
+        def quality(u: tf.Tensor) -> dict[str, tf.Tensor]:  # an integer in [min, max]
+            span = j["max_quality"] - j["min_quality"] + 1
+            q = j["min_quality"] + tf.floor(u[:, 0] * span)
+            return {"quality": tf.minimum(q, float(j["max_quality"]))}
+
+        layers.append(
+            RandomDegradation(jpeg, j["probability"], quality, 1, seed + 104, name="random_jpeg")
+        )
+    return layers
