@@ -19,22 +19,9 @@ from soundmood.data.layout import data_version
 from soundmood.errors import UserError
 from soundmood.fileio import write_json
 from soundmood.model_card import ROBUST_PREFIX, Tag
+from soundmood.registry import store
 from soundmood.registry.gate import KEY_METRIC, Decision
-from soundmood.registry.store import (
-    CHALLENGER,
-    CHAMPION,
-    alias_version,
-    aliases_by_version,
-    all_versions,
-    compare,
-    get_version,
-    promote,
-    refresh_card,
-    register,
-    resolve,
-    rollback,
-    version_tags,
-)
+from soundmood.registry.store import CHALLENGER, CHAMPION
 from soundmood.robustness import REPORT_FILE, mlflow_metrics
 
 REGISTRY_REPORT = "registry.json"
@@ -84,7 +71,7 @@ def register_cli(cfg: DictConfig) -> int:
     metrics = _read_json(reports / "metrics.json", "evaluate")
     tracking.setup(cfg)
     run_id = evaluation["mlflow_run_id"]
-    tags = version_tags(
+    tags = store.version_tags(
         cfg,
         run_id,
         metrics,
@@ -93,8 +80,8 @@ def register_cli(cfg: DictConfig) -> int:
         robust_tags(reports),
         trained_temperature(reports),
     )
-    mv = register(cfg, evaluation["model_uri"], run_id, tags)
-    current = alias_version(cfg.registry.model_name, CHAMPION)
+    mv = store.register(cfg, evaluation["model_uri"], run_id, tags)
+    current = store.alias_version(cfg.registry.model_name, CHAMPION)
     gate_tags = mv.tags or {}
     if current is not None and str(current.version) == str(mv.version):  # a re-run
         if gate_tags.get(Tag.GATE) == "promoted" and gate_tags.get(Tag.GATE_REASON):
@@ -105,13 +92,13 @@ def register_cli(cfg: DictConfig) -> int:
             decision = Decision(False, f"version {mv.version} is the champion")
             outcome = "champion"
     elif cfg.registry.auto_promote:
-        decision = promote(cfg, mv.version)
+        decision = store.promote(cfg, mv.version)
         outcome = "promoted" if decision.promote else "refused"
     else:
         decision = Decision(False, "registry.auto_promote is false: run `soundmood promote`")
         outcome = "pending"
-    refresh_card(cfg, mv.version)  # a run killed between the gate and the card left it stale
-    champion = alias_version(cfg.registry.model_name, CHAMPION)
+    store.refresh_card(cfg, mv.version)  # a run killed between the gate and the card left it stale
+    champion = store.alias_version(cfg.registry.model_name, CHAMPION)
     report = {
         "name": cfg.registry.model_name,
         "version": int(mv.version),
@@ -136,13 +123,15 @@ def promote_cli(cfg: DictConfig, args: Any) -> int:
     name = cfg.registry.model_name
     version = args.version
     if version is None:
-        versions = all_versions(name)
+        versions = store.all_versions(name)
         if not versions:
             raise UserError(f"model {name} has no registered versions: run `soundmood register`")
         version = versions[0].version
-    candidate = get_version(name, version)
-    version_diff.print_table(compare(cfg, candidate, alias_version(name, CHAMPION), as_table=True))
-    decision = promote(cfg, version, args.reason.strip() if args.force else None)
+    candidate = store.get_version(name, version)
+    version_diff.print_table(
+        store.compare(cfg, candidate, store.alias_version(name, CHAMPION), as_table=True)
+    )
+    decision = store.promote(cfg, version, args.reason.strip() if args.force else None)
     verdict = "promoted to champion" if decision.promote else "refused (aliases unchanged)"
     print(f"{name} v{version} {verdict}: {decision.reason}")
     return 0 if decision.promote else 1
@@ -150,7 +139,7 @@ def promote_cli(cfg: DictConfig, args: Any) -> int:
 
 def rollback_cli(cfg: DictConfig, args: Any) -> int:
     tracking.setup(cfg)
-    old, new = rollback(cfg)
+    old, new = store.rollback(cfg)
     print(f"{cfg.registry.model_name}: champion moved back from v{old} to v{new}")
     return 0
 
@@ -184,7 +173,7 @@ def models_cli(cfg: DictConfig, args: Any) -> int:
     `--json`: the same as JSON."""
     tracking.setup(cfg)
     name = cfg.registry.model_name
-    versions = all_versions(name)
+    versions = store.all_versions(name)
     if not versions:
         raise UserError(f"model {name} has no registered versions: run `soundmood register`")
     as_json = bool(getattr(args, "json", False))
@@ -192,14 +181,14 @@ def models_cli(cfg: DictConfig, args: Any) -> int:
     if refs is not None:
         if len(refs) > 2:
             raise UserError(f"--diff takes at most two versions (A B), not {len(refs)}")
-        a = resolve(name, refs[0] if refs else CHALLENGER)
-        b = resolve(name, refs[1] if len(refs) > 1 else CHAMPION)
+        a = store.resolve(name, refs[0] if refs else CHALLENGER)
+        b = store.resolve(name, refs[1] if len(refs) > 1 else CHAMPION)
         if as_json:
-            print(json.dumps(compare(cfg, a, b), indent=2))
+            print(json.dumps(store.compare(cfg, a, b), indent=2))
         else:
-            version_diff.print_table(compare(cfg, a, b, as_table=True))
+            version_diff.print_table(store.compare(cfg, a, b, as_table=True))
         return 0
-    aliases = aliases_by_version(name)
+    aliases = store.aliases_by_version(name)
     entries = [
         version_entry(mv, aliases.get(str(mv.version), []), list(cfg.data.classes))
         for mv in versions
