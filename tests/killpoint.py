@@ -85,6 +85,7 @@ def main(argv: list[str]) -> int:
         import mlflow.tracking.client as mlflow_client
 
         import soundmood.registry
+        import soundmood.registry.commands
         import soundmood.robustness
         import soundmood.tracking
 

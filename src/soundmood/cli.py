@@ -121,22 +121,22 @@ COMMANDS: dict[str, Command] = {
         stage=True,
     ),
     "register": Command(
-        "soundmood.registry:register_cli",
+        "soundmood.registry.commands:register_cli",
         "register the evaluated model as a new version "
         "(alias challenger) and, if registry.auto_promote, run the promotion gate",
         stage=True,
     ),
     "promote": Command(
-        "soundmood.registry:promote_cli",
+        "soundmood.registry.commands:promote_cli",
         "show a version against the champion (as `models --diff`), then move the champion "
         "alias to it if it passes the gate (or --force with --reason)",
         arguments=_promote_args,
     ),
     "rollback": Command(
-        "soundmood.registry:rollback_cli", "move champion back to the previous champion"
+        "soundmood.registry.commands:rollback_cli", "move champion back to the previous champion"
     ),
     "models": Command(
-        "soundmood.registry:models_cli",
+        "soundmood.registry.commands:models_cli",
         "table of registered versions (aliases, metrics, data, commit), or --diff of two",
         arguments=_models_args,
     ),
