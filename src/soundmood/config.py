@@ -19,7 +19,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from soundmood import fileio
+from soundmood import conditions, fileio
 from soundmood.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
@@ -343,8 +343,6 @@ def _check_train(c: _Checker) -> None:
     c.integer("train.warmup_epochs", 0, 10_000)
     c.number("train.label_smoothing", 0.0, 1.0, high_open=True)
     c.choice("train.class_weight", ("balanced", "sqrt", "none"))
-    c.integer("train.epoch_cap_per_class", 1, nullable=True)
-    c.number("train.ema_fraction", 0.0, 1000.0)
     c.integer("train.early_stopping_patience", 0, 10_000)
     c.choice("train.monitor", ("val_macro_f1", "val_accuracy", "val_loss"))
     c.boolean("train.use_tuned")
@@ -387,11 +385,9 @@ def _check_zoom(c: _Checker, key: str) -> None:
 
 def _check_robustness(c: _Checker) -> None:
     """Capture-degradation augmentation (train.augment) and evaluate's conditions."""
-    from soundmood import robustness  # imports this module: a late import avoids the cycle
-
-    checks = [lambda: robustness.check_augment(c.cfg.train.augment)]
+    checks = [lambda: conditions.check_augment(c.cfg.train.augment)]
     if "evaluate" in c.cfg:
-        checks.append(lambda: robustness.check_config(c.cfg))
+        checks.append(lambda: conditions.check_config(c.cfg))
     for check in checks:
         try:
             check()
