@@ -8,9 +8,11 @@ with `key=value` pairs on the command line.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -22,6 +24,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from soundmood import conditions, fileio
 from soundmood.errors import ConfigError
 
+MISSING = object()  # OmegaConf.select's default: tells an absent key from a null one
 PARAMS_FILE = "params.yaml"
 CONFIG_DIR = "conf"
 CONFIG_NAME = "config"
@@ -167,7 +170,7 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
                 f"switch; compose it into params.yaml with `soundmood params {item}` (or "
                 f"`dvc exp run -S {item}`), then run the stage"
             )
-        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+        if OmegaConf.select(cfg, key, default=MISSING) is MISSING:
             raise ConfigError(f"unknown config key {key!r} in override {item!r}")
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
@@ -178,9 +181,6 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
         ) from exc
     validate(cfg)
     return cfg
-
-
-_MISSING = object()
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
@@ -195,6 +195,50 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[dotted] = value
     return flat
+
+
+# --- what a result depends on, and dotted-key overlays ------------------------------------------
+
+RESULT_SECTIONS = ("seed", "data", "model", "train")
+# Keys of those sections that say where things are or how fast they run, not what is computed.
+NOT_AFFECTING_RESULTS = frozenset(
+    {
+        "data.root",
+        "data.prepared_dir",
+        "model.weights",  # a path; its bytes are pinned by model.weights_sha256
+        "train.model_dir",
+        "train.use_tuned",
+        "train.threads",
+    }
+)
+
+
+def result_inputs(values: DictConfig | Mapping[str, object]) -> dict[str, object]:
+    """The flattened values a trained model depends on: RESULT_SECTIONS less the paths and
+    thread counts. `values`: a config, or params already flat (an MLflow run's)."""
+    flat = flatten(values) if isinstance(values, DictConfig) else dict(values)
+    return {
+        k: v
+        for k, v in flat.items()
+        if k.split(".")[0] in RESULT_SECTIONS and k not in NOT_AFFECTING_RESULTS
+    }
+
+
+def digest(values: Mapping[str, object], length: int = 12) -> str:
+    """The project's one digest of config values: sha256 of their canonical JSON."""
+    blob = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def with_values(cfg: DictConfig, values: Mapping[str, object], where: str = "") -> DictConfig:
+    """A copy of `cfg` with dotted keys set to `values`; a key the config does not have is
+    refused (naming `where` the values came from), never silently added."""
+    out = cfg.copy()
+    for key, value in values.items():
+        if OmegaConf.select(out, key, default=MISSING) is MISSING:
+            raise ConfigError(f"{where or 'override'}: {key!r} is not a key of the config")
+        OmegaConf.update(out, key, value, merge=False)
+    return out
 
 
 # --- validation: fail before any work, naming the key --------------------------------------------
@@ -216,14 +260,14 @@ class _Checker:
         self.cfg, self.problems = cfg, []
 
     def value(self, key: str) -> object:
-        return OmegaConf.select(self.cfg, key, default=_MISSING)
+        return OmegaConf.select(self.cfg, key, default=MISSING)
 
     def fail(self, key: str, message: str) -> None:
         self.problems.append(f"{key}: {message}")
 
     def present(self, key: str) -> object:
         value = self.value(key)
-        if value is _MISSING:
+        if value is MISSING:
             self.fail(key, "is missing")
         return value
 
@@ -231,7 +275,7 @@ class _Checker:
         self, key: str, low: int | None = None, high: int | None = None, nullable: bool = False
     ) -> None:
         value = self.present(key)
-        if value is _MISSING or (nullable and value is None):
+        if value is MISSING or (nullable and value is None):
             return
         if not _is_int(value):
             self.fail(key, f"{value!r} is not an integer{' or null' if nullable else ''}")
@@ -242,7 +286,7 @@ class _Checker:
         self, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False
     ) -> None:
         value = self.present(key)
-        if value is _MISSING:
+        if value is MISSING:
             return
         if not (_is_int(value) or isinstance(value, float)) or value != value:
             self.fail(key, f"{value!r} is not a number")
@@ -258,17 +302,17 @@ class _Checker:
 
     def choice(self, key: str, options: tuple[object, ...]) -> None:
         value = self.present(key)
-        if value is not _MISSING and value not in options:
+        if value is not MISSING and value not in options:
             self.fail(key, f"{value!r} is not one of {', '.join(map(str, options))}")
 
     def boolean(self, key: str) -> None:
         value = self.present(key)
-        if value is not _MISSING and not isinstance(value, bool):
+        if value is not MISSING and not isinstance(value, bool):
             self.fail(key, f"{value!r} is not true or false")
 
     def text(self, key: str, nullable: bool = False) -> None:
         value = self.present(key)
-        if value is _MISSING or (nullable and value in (None, "")):
+        if value is MISSING or (nullable and value in (None, "")):
             return
         if not isinstance(value, str) or not value.strip():
             self.fail(key, f"{value!r} is not a non-empty string")
@@ -283,7 +327,7 @@ def _check_data(c: _Checker, model_name: object) -> None:
     names_ok = (OmegaConf.is_list(classes) or isinstance(classes, list)) and all(
         isinstance(n, str) and n.strip() and "/" not in n and n not in (".", "..") for n in classes
     )
-    if classes is not _MISSING and not (
+    if classes is not MISSING and not (
         names_ok and len(classes) >= 2 and len(set(classes)) == len(classes)
     ):
         c.fail("data.classes", f"{classes!r} needs at least two distinct folder names")
@@ -304,7 +348,7 @@ def _check_data(c: _Checker, model_name: object) -> None:
     for key in ("max_image_pixels", "max_file_bytes", "max_archive_bytes", "max_archive_files"):
         c.integer(f"data.limits.{key}", 1)
     labels = c.present("data.rafdb_labels")
-    if labels is _MISSING:
+    if labels is MISSING:
         return
     if not OmegaConf.is_dict(labels):
         c.fail("data.rafdb_labels", f"{labels!r} is not a mapping of RAF-DB label to class")
@@ -312,19 +356,19 @@ def _check_data(c: _Checker, model_name: object) -> None:
     for label, name in labels.items():
         if str(label) not in RAFDB_LABELS:
             c.fail(f"data.rafdb_labels.{label}", "RAF-DB basic labels are '1' to '7'")
-        elif classes is not _MISSING and name not in list(classes):
+        elif classes is not MISSING and name not in list(classes):
             c.fail(f"data.rafdb_labels.{label}", f"{name!r} is not one of data.classes")
 
 
 def _check_model(c: _Checker) -> None:
     name = c.present("model.name")
-    if name is not _MISSING and name not in KNOWN_MODELS:
+    if name is not MISSING and name not in KNOWN_MODELS:
         c.fail("model.name", f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
     c.number("model.dropout", 0.0, 1.0, high_open=True)
     if name == "mobilenet_v2":
         c.text("model.weights", nullable=True)
         sha = c.value("model.weights_sha256")
-        if sha not in (_MISSING, None, "") and not re.fullmatch(r"[0-9a-f]{64}", str(sha)):
+        if sha not in (MISSING, None, "") and not re.fullmatch(r"[0-9a-f]{64}", str(sha)):
             c.fail("model.weights_sha256", f"{sha!r} is not a 64-character hex sha256")
         c.choice("model.alpha", MOBILENET_ALPHAS)
         c.number("model.bn_momentum", 0.0, 1.0, low_open=True, high_open=True)
@@ -363,7 +407,7 @@ def _check_train(c: _Checker) -> None:
 def _check_taus(c: _Checker, key: str) -> None:
     """A non-empty list of logit-adjustment strengths, each in [-2, 2]."""
     value = c.present(key)
-    if value is _MISSING:
+    if value is MISSING:
         return
     taus = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
     if not taus or not all((_is_int(t) or isinstance(t, float)) and -2.0 <= t <= 2.0 for t in taus):
