@@ -23,10 +23,11 @@ from soundmood.data.prepare import load_index, load_split
 from soundmood.errors import ConfigError
 from soundmood.export import served_forward
 from soundmood.fileio import atomic_path, write_json
-from soundmood.fitting import WORK_DIR, FitResult, config_digest, fit
+from soundmood.fitting import WORK_DIR, FitResult, fit
 from soundmood.forward import Forward, tta_probabilities
 from soundmood.logit_adjustment import view_logits
 from soundmood.models import MODEL_FILE
+from soundmood.training_checkpoint import config_digest
 
 
 def apply_tuned(cfg: DictConfig) -> tuple[DictConfig, dict[str, object]]:
@@ -86,8 +87,7 @@ def adjust_and_score_validation(
 ) -> tuple[logit_adjustment.Adjustment | None, temperature.Calibration, dict]:
     """Logit adjustment, then the temperature (both folded into `model`'s head), the confidence
     threshold and the validation capture conditions, predicted by `model`'s ONNX graph, as
-    evaluate predicts: about twice Keras' speed on 2 cores (the default model's validation
-    split: 181 s of Keras predictions, 117 s for this whole step, 2026-12-04)."""
+    evaluate predicts: about twice Keras' speed on 2 cores."""
 
     threads, check_faces = int(cfg.train.threads), val[0][:32]
     batch, flip, reports = cfg.evaluate.batch_size, cfg.evaluate.tta_flip, cfg.evaluate.reports_dir
