@@ -263,7 +263,7 @@ def test_mirrored_strategy_only_with_several_gpus(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize(
     ("tuned", "message"),
     [
-        ("train.lrr: 0.001\n", "'train.lrr' is not in the composed config"),
+        ("train.lrr: 0.001\n", "'train.lrr' is not a key of the config"),
         ("train.lr: -0.5\n", "train.lr: -0.5 is not in"),
     ],
 )

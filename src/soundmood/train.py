@@ -15,10 +15,10 @@ import keras
 import mlflow
 import numpy as np
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from soundmood import logit_adjustment, robustness, temperature, tracking
-from soundmood.config import validate
+from soundmood.config import validate, with_values
 from soundmood.data.prepare import load_index, load_split
 from soundmood.errors import ConfigError
 from soundmood.export import served_forward
@@ -36,22 +36,15 @@ def apply_tuned(cfg: DictConfig) -> tuple[DictConfig, dict[str, object]]:
     if not (cfg.train.use_tuned and path.exists()):
         return cfg, {}
     tuned = yaml.safe_load(path.read_text()) or {}
-    cfg = cfg.copy()
-    for key, value in tuned.items():
-        if OmegaConf.select(cfg, key, default=_NOT_SET) is _NOT_SET:
-            raise ConfigError(
-                f"{path}: tuned key {key!r} is not in the composed config (stale? "
-                "rerun the tune stage)"
-            )
-        OmegaConf.update(cfg, key, value, merge=False)
+    try:
+        cfg = with_values(cfg, tuned, where=str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (stale? rerun the tune stage)") from exc
     try:
         validate(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{path}: the tuned values make an invalid config: {exc}") from exc
     return cfg, tuned
-
-
-_NOT_SET = object()
 
 
 VAL_ROBUSTNESS_FILE = "robustness_val.json"

@@ -18,19 +18,16 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from soundmood.config import digest, result_inputs
 from soundmood.fileio import write_bytes, write_text
-
-TRAINING_SECTIONS = ("seed", "data", "model", "train")
 
 
 def config_digest(cfg: DictConfig) -> str:
-    """A digest of the sections training reads (with the tuned values applied), so that an
-    evaluate, registry or tracking change does not discard a resumable training checkpoint."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    blob = json.dumps({key: resolved.get(key) for key in TRAINING_SECTIONS}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    """A digest of the values a trained model depends on (with the tuned values applied), so that
+    an evaluate, registry or tracking change does not discard a resumable training checkpoint."""
+    return digest(result_inputs(cfg))
 
 
 def training_fingerprint(
