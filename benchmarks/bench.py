@@ -36,8 +36,9 @@ def training_throughput(
     warm-up, at the pipeline's input size unless `image_size` is given (faces resized to it)."""
     from hydra import compose, initialize_config_dir
 
+    from soundmood.augmentation import augmentation
+    from soundmood.fitting import compile_model, configure_tensorflow, make_dataset
     from soundmood.models import build, set_backbone_trainable
-    from soundmood.fitting import augmentation, compile_model, configure_tensorflow, make_dataset
 
     with initialize_config_dir(str(Path("conf").resolve()), version_base=None):
         model_cfg = compose("config", overrides=[f"model={model_name}"]).model

@@ -47,7 +47,7 @@ def test_capture_augmentation_runs_in_the_batched_training_map(prepared_smoke) -
         "random_downsample",
         "random_jpeg",
     ]
-    pipeline = fitting.augmentation(aug, 7)  # train's own pipeline ends with the same layers
+    pipeline = augmentation.augmentation(aug, 7)  # train's own pipeline ends with the same layers
     assert [layer.name for layer in pipeline.layers[-4:]] == [layer.name for layer in layers]
     batches = list(fitting.make_dataset(x, y, 5, 16, pipeline, seed=7))
     images = np.concatenate([b[0].numpy() for b in batches])

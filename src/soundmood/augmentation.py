@@ -1,5 +1,6 @@
-"""Training's random capture degradations: train.augment's greyscale, gamma, downsample and jpeg
-sections as Keras layers for the batched float32 [0, 255] tf.data map of fitting.make_dataset.
+"""Training's augmentation (train.augment) as Keras layers for the batched float32 [0, 255]
+tf.data map of fitting.make_dataset: keras' own random flip, rotation, zoom, translation, contrast
+and brightness layers, then the capture degradations (greyscale, gamma, downsample, jpeg).
 Each runs the function of soundmood.degradations that evaluation's conditions run, with
 parameters drawn per image; keras has no layer for gamma, down-up sampling or JPEG, and one layer
 class draws all four the same way.
@@ -13,7 +14,7 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from soundmood.conditions import check_augment
 from soundmood.degradations import apply_batch, dark, grey, jpeg, lowres
@@ -101,3 +102,29 @@ def augmentation_layers(aug: Mapping[str, Any] | DictConfig, seed: int) -> list[
             RandomDegradation(jpeg, j["probability"], quality, 1, seed + 104, name="random_jpeg")
         )
     return layers
+
+
+def augmentation(aug: DictConfig, seed: int) -> keras.Sequential:
+    """Random, label-preserving transforms as Keras preprocessing layers (train batches only)."""
+    steps: list[keras.layers.Layer] = []
+    if aug.flip:
+        steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if aug.rotation:
+        steps.append(keras.layers.RandomRotation(aug.rotation, fill_mode="reflect", seed=seed))
+    if aug.zoom:
+        # a [low, high] range zooms out (positive: the face smaller, as a looser crop frames it)
+        # by a different amount than in; a number zooms both ways by up to it
+        zoom = tuple(aug.zoom) if isinstance(aug.zoom, ListConfig | list) else aug.zoom
+        steps.append(keras.layers.RandomZoom(zoom, fill_mode="reflect", seed=seed))
+    if aug.translation:
+        steps.append(
+            keras.layers.RandomTranslation(
+                aug.translation, aug.translation, fill_mode="reflect", seed=seed
+            )
+        )
+    if aug.contrast:
+        steps.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=seed))
+    if aug.brightness:
+        steps.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=seed))
+    steps += augmentation_layers(aug, seed)  # greyscale, low-res, JPEG, gamma
+    return keras.Sequential(steps, name="augment")

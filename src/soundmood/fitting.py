@@ -22,9 +22,9 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from soundmood.augmentation import augmentation_layers
+from soundmood.augmentation import augmentation
 from soundmood.fileio import write_text
 from soundmood.models import backbone_of, build, set_backbone_trainable
 from soundmood.training_checkpoint import TrainingCheckpoint, training_fingerprint
@@ -54,32 +54,6 @@ def distribution_strategy() -> tf.distribute.Strategy | None:
     strategy = tf.distribute.MirroredStrategy()
     print(f"train: MirroredStrategy over {strategy.num_replicas_in_sync} GPUs", flush=True)
     return strategy
-
-
-def augmentation(aug: DictConfig, seed: int) -> keras.Sequential:
-    """Random, label-preserving transforms as Keras preprocessing layers (train batches only)."""
-    steps: list[keras.layers.Layer] = []
-    if aug.flip:
-        steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if aug.rotation:
-        steps.append(keras.layers.RandomRotation(aug.rotation, fill_mode="reflect", seed=seed))
-    if aug.zoom:
-        # a [low, high] range zooms out (positive: the face smaller, as a looser crop frames it)
-        # by a different amount than in; a number zooms both ways by up to it
-        zoom = tuple(aug.zoom) if isinstance(aug.zoom, ListConfig | list) else aug.zoom
-        steps.append(keras.layers.RandomZoom(zoom, fill_mode="reflect", seed=seed))
-    if aug.translation:
-        steps.append(
-            keras.layers.RandomTranslation(
-                aug.translation, aug.translation, fill_mode="reflect", seed=seed
-            )
-        )
-    if aug.contrast:
-        steps.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=seed))
-    if aug.brightness:
-        steps.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=seed))
-    steps += augmentation_layers(aug, seed)  # greyscale, low-res, JPEG, gamma
-    return keras.Sequential(steps, name="augment")
 
 
 def make_dataset(
