@@ -10,8 +10,6 @@ deprecated: only aliases and tags are used.
 from __future__ import annotations
 
 import getpass
-import hashlib
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from soundmood import model_card, tracking, version_diff
+from soundmood.config import digest, result_inputs
 from soundmood.errors import UserError
 from soundmood.model_card import METRIC_PREFIX, Tag
 from soundmood.registry.gate import Decision, Facts, gate
@@ -225,11 +224,10 @@ def user() -> str:
 
 
 def config_hash(run_id: str) -> str:
-    """Digest of the training run's params: the composed config with tuned values applied, as
-    that model was actually trained (later edits of params.yaml do not change it)."""
-    params = client().get_run(run_id).data.params
-    blob = json.dumps(params, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    """Digest of what the model depends on among the training run's params (the composed config
+    with tuned values applied, as that model was trained; later edits of params.yaml do not
+    change it): the digest train's checkpoints and tune's studies are named by."""
+    return digest(result_inputs(client().get_run(run_id).data.params))
 
 
 def version_tags(
