@@ -47,7 +47,7 @@ def training_fingerprint(
 
 
 @dataclass
-class Progress:
+class FitState:
     """Everything besides the variables that a resumed run needs; saved after every epoch. The
     best epoch and the early-stopping count are those Keras' ModelCheckpoint and EarlyStopping
     kept, so that a resumed run can hand them back."""
@@ -86,16 +86,16 @@ class TrainingCheckpoint:
         """The best-weights file of 0-based `epoch` (ModelCheckpoint numbers epochs from 1)."""
         return self.dir / self.BEST.format(epoch=epoch + 1)
 
-    def resume(self, fingerprint: str, model: keras.Model, epochs: int, warmup: int) -> Progress:
+    def resume(self, fingerprint: str, model: keras.Model, epochs: int, warmup: int) -> FitState:
         """The saved progress with the model's variables restored, or a fresh start (and why)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if not self.index.exists():
-            return Progress(fingerprint)
+            return FitState(fingerprint)
         try:
             saved = json.loads(self.index.read_text())
             if saved.pop("format", None) != CHECKPOINT_FORMAT:
                 raise ValueError("it was written by another version of soundmood")
-            progress = Progress(**saved)
+            progress = FitState(**saved)
             if progress.fingerprint != fingerprint:
                 raise ValueError("it was made with another config, epoch budget or data")
             arrays = _load_arrays(self.dir / f"epoch-{progress.next_epoch - 1}.npz")
@@ -106,7 +106,7 @@ class TrainingCheckpoint:
                 "starting again from epoch 1",
                 flush=True,
             )
-            return Progress(fingerprint)
+            return FitState(fingerprint)
         self.optimizer_state = (arrays["phase"], arrays["optimizer"])
         if progress.stopped or progress.next_epoch >= epochs:
             print(
@@ -135,7 +135,7 @@ class TrainingCheckpoint:
             model.optimizer.build(model.trainable_variables)
             _assign(model.optimizer.variables, arrays, "optimizer")
 
-    def save(self, progress: Progress, model: keras.Model, phase: str) -> None:
+    def save(self, progress: FitState, model: keras.Model, phase: str) -> None:
         epoch = progress.next_epoch - 1
         _save_arrays(
             self.dir / f"epoch-{epoch}.npz",
@@ -149,7 +149,7 @@ class TrainingCheckpoint:
             if leftover.name not in keep:
                 leftover.unlink(missing_ok=True)
 
-    def load_best(self, model: keras.Model, progress: Progress) -> None:
+    def load_best(self, model: keras.Model, progress: FitState) -> None:
         """The best epoch's weights into `model`. Its file also holds the optimizer of the phase
         that saved it, which the model's current one may not match: only the weights matter."""
         best = self.best_path(progress.best_epoch)
