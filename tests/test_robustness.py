@@ -16,6 +16,7 @@ from soundmood import calibration, conditions, robustness
 from soundmood.data.images import load_face
 from soundmood.data.prepare import load_split
 from soundmood.errors import ConfigError
+from soundmood.registry.gate import condition_floor_failure
 from tests.conftest import compose_config
 
 CLASSES = ("angry", "happy", "neutral", "sad", "surprised")
@@ -199,10 +200,10 @@ def test_tight_crop_enlarges_the_centre(data_root: Path) -> None:
     ("given", "key"),
     [
         ({"blur": {"sigma": 2}}, "evaluate.conditions.blur: unknown condition 'blur'"),
-        ({"jpeg": {"quality": 0}}, "evaluate.conditions.jpeg.quality: 0 is outside"),
+        ({"jpeg": {"quality": 0}}, r"evaluate.conditions.jpeg.quality: 0 is not in"),
         ({"jpeg": {"quality": "low"}}, "evaluate.conditions.jpeg.quality: 'low' is not a number"),
         ({"jpeg": {"quality": 30.5}}, "evaluate.conditions.jpeg.quality: 30.5 is not an integer"),
-        ({"jpeg": {}}, "evaluate.conditions.jpeg.quality: missing"),
+        ({"jpeg": {}}, "evaluate.conditions.jpeg.quality: is missing"),
         (
             {"rotate": {"degrees": 15, "axis": 1}},
             "evaluate.conditions.rotate.axis: unknown parameter",
@@ -395,19 +396,19 @@ def test_train_writes_its_validation_report_with_the_conditions_off(
 
 def test_condition_floor_refuses_below_and_names_the_condition() -> None:
     result = _result({"grey": 0.81, "dark": 0.42, "jpeg": 0.58})
-    message = robustness.condition_floor_failure(result, 0.6)
+    message = condition_floor_failure(result, 0.6)
     assert message is not None
     assert "dark 0.4200" in message and "jpeg 0.5800" in message and "grey" not in message
     assert "worst: dark" in message and "0.6000" in message
     flat = robustness.mlflow_metrics(result)  # as the registry reads a run's metrics
     assert flat["robust_dark_confident_accuracy"] == 0.1
     assert robustness.condition_accuracies(flat) == {"grey": 0.81, "dark": 0.42, "jpeg": 0.58}
-    assert robustness.condition_floor_failure(flat, 0.6) == message
-    assert robustness.condition_floor_failure(flat, 0.4) is None
-    assert robustness.condition_floor_failure(result, 0.0) is None  # floor disabled
+    assert condition_floor_failure(flat, 0.6) == message
+    assert condition_floor_failure(flat, 0.4) is None
+    assert condition_floor_failure(result, 0.0) is None  # floor disabled
 
 
 def test_condition_floor_refuses_a_model_without_condition_metrics() -> None:
-    message = robustness.condition_floor_failure({"test_accuracy": 0.9}, 0.5)
+    message = condition_floor_failure({"test_accuracy": 0.9}, 0.5)
     assert message is not None and "robust_<condition>_accuracy" in message
-    assert robustness.condition_floor_failure({"test_accuracy": 0.9}, 0.0) is None
+    assert condition_floor_failure({"test_accuracy": 0.9}, 0.0) is None

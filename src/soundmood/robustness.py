@@ -4,7 +4,7 @@ prepared split, predicted as evaluate predicts (forward.tta_probabilities) and s
 accuracy, calibration (ECE) and the confident answers' coverage and accuracy. The same condition
 gives the same images on every run, so validation and test variants are comparable across models.
 Results go to reports/robustness.json, reports/plots/robustness.csv (dvc.yaml draws it) and
-MLflow; the registry's promotion floor reads them back (condition_floor_failure).
+MLflow; the registry's promotion floor reads them back (condition_accuracies).
 
 No TensorFlow at import: the registry imports this module to read reports.
 """
@@ -222,27 +222,3 @@ def condition_accuracies(robust_metrics: Mapping[str, Any]) -> dict[str, float]:
         ):
             found[match["name"]] = float(value)
     return found
-
-
-def condition_floor_failure(robust_metrics: Mapping[str, Any], floor: float) -> str | None:
-    """Why a candidate fails registry.min_condition_accuracy, or None when it passes.
-
-    Accepts robustness.json's content or a run's metrics (robust_<condition>_accuracy). A floor
-    of 0 (or less) disables the check; with a floor, a model without condition metrics fails.
-    """
-    if floor is None or floor <= 0:
-        return None
-    accuracies = condition_accuracies(robust_metrics)
-    if not accuracies:
-        return (
-            f"no per-condition accuracy (robust_<condition>_accuracy) to check against "
-            f"registry.min_condition_accuracy {floor:.4f}; evaluate the model again"
-        )
-    below = sorted((acc, name) for name, acc in accuracies.items() if acc < floor)
-    if not below:
-        return None
-    listing = ", ".join(f"{name} {acc:.4f}" for acc, name in below)
-    return (
-        f"{len(below)} capture condition(s) below registry.min_condition_accuracy "
-        f"{floor:.4f}: {listing} (worst: {below[0][1]})"
-    )

@@ -7,15 +7,15 @@ gate() runs every rule in RULES and refuses with each failed rule's numbers; a r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
 from soundmood import model_card
 from soundmood.model_card import RECALL_SUFFIX, ROBUST_PREFIX, Tag
-from soundmood.robustness import condition_accuracies, condition_floor_failure
+from soundmood.robustness import condition_accuracies
 
 KEY_METRIC = "macro_f1"
 
@@ -115,6 +115,30 @@ def beats_champion(candidate: Facts, champion: Facts | None, rules: DictConfig) 
         f"({delta:+.4f}; registry.min_improvement={needed})"
     )
     return Check(delta > 0 and delta >= needed, summary)
+
+
+def condition_floor_failure(robust_metrics: Mapping[str, Any], floor: float) -> str | None:
+    """Why a candidate fails registry.min_condition_accuracy, or None when it passes.
+
+    Accepts robustness.json's content or a run's metrics (robust_<condition>_accuracy). A floor
+    of 0 (or less) disables the check; with a floor, a model without condition metrics fails.
+    """
+    if floor is None or floor <= 0:
+        return None
+    accuracies = condition_accuracies(robust_metrics)
+    if not accuracies:
+        return (
+            f"no per-condition accuracy (robust_<condition>_accuracy) to check against "
+            f"registry.min_condition_accuracy {floor:.4f}; evaluate the model again"
+        )
+    below = sorted((acc, name) for name, acc in accuracies.items() if acc < floor)
+    if not below:
+        return None
+    listing = ", ".join(f"{name} {acc:.4f}" for acc, name in below)
+    return (
+        f"{len(below)} capture condition(s) below registry.min_condition_accuracy "
+        f"{floor:.4f}: {listing} (worst: {below[0][1]})"
+    )
 
 
 def condition_floor(candidate: Facts, champion: Facts | None, rules: DictConfig) -> Check | None:
