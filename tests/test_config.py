@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from soundmood import schema
 from soundmood.config import flatten, load, params_diff, validate
 from soundmood.errors import ConfigError
 from tests.conftest import ROOT, compose_config
@@ -79,3 +80,46 @@ def test_load_applies_overrides_and_rejects_unknown_keys() -> None:
 def test_bad_values_fail_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load([override], ROOT)
+
+
+def test_the_schema_declares_every_composed_key_and_nothing_else() -> None:
+    """One table: each key conf/ composes (every profile, every model) has its type, range and
+    meaning in soundmood.schema; open mappings' entries are their owners' to parse."""
+    for overrides in (["profile=cpu"], ["profile=smoke"], ["profile=gpu"], ["model=seed_cnn"]):
+        cfg = compose_config(overrides)
+        table = schema.config_table(cfg.model.name)
+        open_ = [k for k, spec in table.items() if spec.kind == "mapping"]
+        composed = {next((o for o in open_ if k.startswith(o + ".")), k) for k in flatten(cfg)}
+        leaves = {k for k, spec in table.items() if spec.kind != "section"} - {"model"}
+        assert composed == leaves, (sorted(composed - leaves), sorted(leaves - composed))
+    assert all(spec.meaning for spec in schema.KEYS.values())
+
+
+def test_every_bad_value_is_named_at_once() -> None:
+    cfg = compose_config()
+    cfg.train.lr, cfg.tune.pruner, cfg.inference.crop.size = 0, "never", 8
+    cfg.train.augment.jpeg = {"probability": 0.5, "min_quality": 90, "max_quality": 30}
+    cfg.data.rafdb_labels["1"] = "fearful"
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid configuration:"
+    for key in (
+        "train.lr: 0 is not in (0.0, 10.0]",
+        "tune.pruner: 'never' is not one of",
+        "inference.crop.size: 8 is not in [16",
+        "train.augment.jpeg.min_quality: 90",
+        "data.rafdb_labels.1: 'fearful' is not one of data.classes",
+    ):
+        assert any(line.strip().startswith(key) for line in lines), (key, lines)
+
+
+def test_unknown_keys_and_model_sizes_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"^train\.epochz: unknown key; known: .*epochs"):
+        validate(compose_config(["+train.epochz=3"]))  # or a typo in a profile
+    small = compose_config(["data.image_size=24"])
+    with pytest.raises(ConfigError, match=r"data\.image_size: 24 is under 32 px.*mobilenet_v2"):
+        validate(small)
+    validate(compose_config(["model=seed_cnn", "data.image_size=24"]))
+    with pytest.raises(ConfigError, match=r"^model\.name: 'resnet' is not one of"):
+        validate(compose_config(["model.name=resnet"]))

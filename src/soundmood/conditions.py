@@ -1,9 +1,10 @@
 """What conf/ may say about the capture degradations (soundmood.degradations): each one's
-parameters with their ranges and meanings, evaluate's named conditions (evaluate.conditions) and
-training's random versions (train.augment), all checked before any work, naming the offending key.
+parameters as schema Specs, evaluate's named conditions (evaluate.conditions) and training's random
+versions (train.augment, whose keys soundmood.schema declares), all checked before any work,
+naming the offending key.
 
-It imports nothing of the package but errors, and no TensorFlow, so that configuration checks can
-use it without loading a model library.
+It imports nothing of the package but the schema and errors, and no TensorFlow, so that
+configuration checks can use it without loading a model library.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from soundmood import schema
 from soundmood.errors import ConfigError
+from soundmood.schema import Spec, integer, number
 
 CONDITIONS_KEY = "evaluate.conditions"
 AUGMENT_KEY = "train.augment"
@@ -26,68 +29,22 @@ CONFIDENT_SUFFIX = "_confident"
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-@dataclass(frozen=True)
-class Param:
-    """A numeric parameter in [low, high]; `open_low` excludes `low` itself."""
-
-    kind: type
-    low: float
-    high: float
-    open_low: bool = False
-    meaning: str = ""
-
-    def check(self, key: str, value: Any) -> float | int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: {value!r} is not a number ({self.meaning})")
-        if self.kind is int and not float(value).is_integer():
-            raise ConfigError(f"{key}: {value!r} is not an integer ({self.meaning})")
-        low_ok = value > self.low if self.open_low else value >= self.low
-        if not (low_ok and value <= self.high):
-            bracket = "(" if self.open_low else "["
-            raise ConfigError(
-                f"{key}: {value!r} is outside {bracket}{self.low}, {self.high}] ({self.meaning})"
-            )
-        return self.kind(value)
-
-
-def check_params(key: str, given: Mapping[str, Any], spec: Mapping[str, Param]) -> dict[str, Any]:
-    """Every parameter of `spec` given, each in range, nothing else; the checked values."""
-    unknown = sorted(set(given) - set(spec))
-    if unknown:
-        raise ConfigError(
-            f"{key}.{unknown[0]}: unknown parameter; expected {', '.join(spec) or 'none'}"
-        )
-    missing = [p for p in spec if p not in given]
-    if missing:
-        raise ConfigError(f"{key}.{missing[0]}: missing ({spec[missing[0]].meaning})")
-    return {p: spec[p].check(f"{key}.{p}", given[p]) for p in spec}
-
-
-_FRACTION = dict(kind=float, low=0.0, high=1.0, open_low=True)
 # The parameters a condition gives each degradation, in the meaning of soundmood.degradations.
-DEGRADATION_PARAMS: dict[str, dict[str, Param]] = {
+DEGRADATION_PARAMS: dict[str, dict[str, Spec]] = {
     "grey": {},
-    "lowres": {"size_fraction": Param(**_FRACTION, meaning="low side as a fraction of the side")},
-    "jpeg": {"quality": Param(int, 1, 100, meaning="JPEG quality 1-100")},
+    "lowres": {"size_fraction": number("low side as a fraction of the side", **schema.FRACTION)},
+    "jpeg": {"quality": integer("JPEG quality 1-100", 1, 100)},
     "dark": {
-        "gamma": Param(float, 0.0, 10.0, open_low=True, meaning="exponent on [0, 1] intensities"),
-        "brightness": Param(**_FRACTION, meaning="multiplier after the gamma"),
+        "gamma": number("exponent on [0, 1] intensities", 0.0, 10.0, open_low=True),
+        "brightness": number("multiplier after the gamma", **schema.FRACTION),
     },
-    "low_contrast": {"factor": Param(**_FRACTION, meaning="scale of deviations from the mean")},
+    "low_contrast": {"factor": number("scale of deviations from the mean", **schema.FRACTION)},
     "rotate": {
-        "degrees": Param(
-            float, 0.0, 180.0, open_low=True, meaning="rotation angle, sign alternating per image"
-        )
+        "degrees": number("rotation angle, sign alternating per image", 0.0, 180.0, open_low=True)
     },
-    "loose_crop": {
-        "face_fraction": Param(float, 0.25, 1.0, meaning="share of the frame the face keeps")
-    },
-    "tight_crop": {"keep": Param(**_FRACTION, meaning="central share of the frame kept")},
-    "shift": {
-        "fraction": Param(
-            float, 0.0, 0.5, open_low=True, meaning="translation as a fraction of the side"
-        )
-    },
+    "loose_crop": {"face_fraction": number("share of the frame the face keeps", 0.25, 1.0)},
+    "tight_crop": {"keep": number("central share of the frame kept", **schema.FRACTION)},
+    "shift": {"fraction": number("translation as a fraction of the side", 0.0, 0.5, open_low=True)},
 }
 
 
@@ -108,84 +65,94 @@ def parse_conditions(
     A condition's name is its degradation unless it sets `transform:` (so `jpeg_q10: {transform:
     jpeg, quality: 10}` adds a second JPEG level). Every parameter must be given in conf/.
     """
-    if conditions is None:
-        return []
-    if isinstance(conditions, DictConfig):
-        conditions = OmegaConf.to_container(conditions, resolve=True)
-    if not isinstance(conditions, Mapping):
+    if conditions is not None and not isinstance(conditions, Mapping | DictConfig):
         raise ConfigError(f"{key}: expected a mapping of condition name -> parameters")
-    return [
-        _parse_condition(str(name), params, f"{key}.{name}") for name, params in conditions.items()
-    ]
+    schema.raise_problems(condition_problems(conditions, key))
+    return [_condition(str(name), params) for name, params in _plain(conditions).items()]
 
 
-def _parse_condition(name: str, params: Any, key: str) -> Condition:
-    if not NAME_PATTERN.match(name) or name in RESERVED_NAMES or name.endswith(CONFIDENT_SUFFIX):
-        raise ConfigError(
-            f"{key}: condition name {name!r} must match [a-z][a-z0-9_]*, not be one of "
-            f"{', '.join(RESERVED_NAMES)} and not end in {CONFIDENT_SUFFIX} (its metrics would "
-            "read as another condition's)"
-        )
+def condition_problems(conditions: Any, key: str = CONDITIONS_KEY) -> list[str]:
+    """Every problem of evaluate.conditions' entries (the mapping itself: the schema's)."""
+    if not isinstance(conditions, Mapping | DictConfig):
+        return []
+    found = []
+    for name, params in _plain(conditions).items():
+        where = f"{key}.{name}"
+        if (
+            not NAME_PATTERN.match(str(name))
+            or name in RESERVED_NAMES
+            or str(name).endswith(CONFIDENT_SUFFIX)
+        ):
+            found.append(
+                f"{where}: condition name {name!r} must match [a-z][a-z0-9_]*, not be one of "
+                f"{', '.join(RESERVED_NAMES)} and not end in {CONFIDENT_SUFFIX} (its metrics "
+                "would read as another condition's)"
+            )
+            continue
+        if params is not None and not isinstance(params, Mapping):
+            found.append(f"{where}: {params!r} is not a mapping of parameters")
+            continue
+        params = dict(params or {})
+        degradation = str(params.pop("transform", name))
+        if degradation not in DEGRADATION_PARAMS:
+            found.append(
+                f"{where}: unknown condition {degradation!r}; known: "
+                f"{', '.join(DEGRADATION_PARAMS)} (or set transform: to one of them)"
+            )
+            continue
+        specs = DEGRADATION_PARAMS[degradation]
+        found += schema.problems(params, specs, f"{where}.", noun="parameter")
+    return found
+
+
+def _plain(values: Any) -> dict[str, Any]:
+    if isinstance(values, DictConfig):
+        return OmegaConf.to_container(values, resolve=True)
+    return dict(values or {})
+
+
+def _condition(name: str, params: Any) -> Condition:
+    """A condition already checked by condition_problems."""
     params = dict(params or {})
     degradation = str(params.pop("transform", name))
-    if degradation not in DEGRADATION_PARAMS:
-        raise ConfigError(
-            f"{key}: unknown condition {degradation!r}; known: "
-            f"{', '.join(DEGRADATION_PARAMS)} (or set transform: to one of them)"
-        )
-    return Condition(name, degradation, check_params(key, params, DEGRADATION_PARAMS[degradation]))
+    specs = DEGRADATION_PARAMS[degradation]
+    return Condition(name, degradation, {p: spec.check(p, params[p]) for p, spec in specs.items()})
 
 
 def check_config(cfg: DictConfig) -> list[Condition]:
     """The configured conditions, validated; call first, before loading a model or data."""
-    seed = cfg.evaluate.get("condition_seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"evaluate.condition_seed: {seed!r} is not an int >= 0")
+    seed_key = "evaluate.condition_seed"
+    schema.KEYS[seed_key].check(seed_key, cfg.evaluate.get("condition_seed", 0))
     return parse_conditions(cfg.evaluate.get("conditions"))
 
 
-# --- train.augment: each section draws one degradation's parameters per image -----------------
+# --- train.augment: each capture section draws one degradation's parameters per image ---------
 
-PROBABILITY = Param(float, 0.0, 1.0, meaning="chance each image is degraded")
-AUGMENT_SPECS: dict[str, dict[str, Param]] = {
-    "gamma": {
-        "probability": PROBABILITY,
-        "max_gamma": Param(float, 1.0, 10.0, meaning="gamma drawn in [1/max, max]"),
-        "min_gain": Param(float, 0.0, 1.0, open_low=True, meaning="darkest gain"),
-    },
-    "downsample": {
-        "probability": PROBABILITY,
-        "min_fraction": Param(
-            float, 0.0, 1.0, open_low=True, meaning="smallest low side as a fraction of the side"
-        ),
-    },
-    "jpeg": {
-        "probability": PROBABILITY,
-        "min_quality": Param(int, 1, 100, meaning="lowest JPEG quality"),
-        "max_quality": Param(int, 1, 100, meaning="highest JPEG quality"),
-    },
-}
+AUGMENT_SECTIONS = ("gamma", "downsample", "jpeg")  # declared in soundmood.schema's KEYS
+
+
+def augment_rule_problems(aug: Mapping[str, Any] | DictConfig) -> list[str]:
+    """What a per-key table cannot say: a JPEG quality range with its ends in order."""
+    jpeg = aug.get("jpeg")
+    if not isinstance(jpeg, Mapping | DictConfig):
+        return []
+    low, high = jpeg.get("min_quality"), jpeg.get("max_quality")
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        return [f"{AUGMENT_KEY}.jpeg.min_quality: {low} exceeds max_quality {high}"]
+    return []
 
 
 def check_augment(aug: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
-    """The capture-degradation keys of train.augment, checked: `greyscale` a probability, the
-    AUGMENT_SPECS sections their parameters (None when absent, null or with probability 0)."""
-    if isinstance(aug, DictConfig):
-        aug = OmegaConf.to_container(aug, resolve=True)
-    greyscale = aug.get("greyscale") or 0.0
-    checked: dict[str, Any] = {
-        "greyscale": PROBABILITY.check(f"{AUGMENT_KEY}.greyscale", greyscale)
-    }
-    for name, spec in AUGMENT_SPECS.items():
-        section, key = aug.get(name), f"{AUGMENT_KEY}.{name}"
-        if section is not None and not isinstance(section, Mapping):
-            raise ConfigError(f"{key}: expected a mapping with {', '.join(spec)}")
-        values = None if section is None else check_params(key, section, spec)
+    """train.augment checked against the schema; its capture keys as training uses them:
+    `greyscale` a probability (absent: 0), each AUGMENT_SECTIONS section its parameters (None
+    when absent, null or with probability 0)."""
+    table = schema.subtable(AUGMENT_KEY)
+    found = schema.problems(aug, table, f"{AUGMENT_KEY}.") + augment_rule_problems(aug)
+    schema.raise_problems(found)
+    aug = _plain(aug)
+    checked: dict[str, Any] = {"greyscale": float(aug.get("greyscale") or 0.0)}
+    for name in AUGMENT_SECTIONS:
+        section = aug.get(name)
+        values = section and {p: table[f"{name}.{p}"].check(p, v) for p, v in section.items()}
         checked[name] = values if values and values["probability"] > 0 else None
-    jp = checked["jpeg"]
-    if jp and jp["min_quality"] > jp["max_quality"]:
-        raise ConfigError(
-            f"{AUGMENT_KEY}.jpeg.min_quality: {jp['min_quality']} exceeds "
-            f"max_quality {jp['max_quality']}"
-        )
     return checked

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from soundmood import conditions, fileio
+from soundmood import conditions, fileio, schema
 from soundmood.errors import ConfigError
 
 MISSING = object()  # OmegaConf.select's default: tells an absent key from a null one
@@ -242,217 +241,40 @@ def with_values(cfg: DictConfig, values: Mapping[str, object], where: str = "") 
 
 
 # --- validation: fail before any work, naming the key --------------------------------------------
-# Every key of the data, model and train groups is checked for type and range, all at once, so one
-# run lists every bad value. Keys outside these groups are checked by the stage that owns them.
+# Each key's type and range: soundmood.schema. Here: the rules that relate keys to each other.
 
-KNOWN_MODELS = ("mobilenet_v2", "seed_cnn")
 # Smallest input each architecture takes: Keras's MobileNetV2 needs 32 px; seed_cnn halves the
 # input four times.
 MIN_IMAGE_SIZE = {"mobilenet_v2": 32, "seed_cnn": 16}
-MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 RAFDB_LABELS = tuple(str(k) for k in range(1, 8))  # quoted in conf/ (dotted overrides)
 
 
-class _Checker:
-    """Collects one message per bad key: `<key>: <value> <what is wrong>`."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg, self.problems = cfg, []
-
-    def value(self, key: str) -> object:
-        return OmegaConf.select(self.cfg, key, default=MISSING)
-
-    def fail(self, key: str, message: str) -> None:
-        self.problems.append(f"{key}: {message}")
-
-    def present(self, key: str) -> object:
-        value = self.value(key)
-        if value is MISSING:
-            self.fail(key, "is missing")
-        return value
-
-    def integer(
-        self, key: str, low: int | None = None, high: int | None = None, nullable: bool = False
-    ) -> None:
-        value = self.present(key)
-        if value is MISSING or (nullable and value is None):
-            return
-        if not _is_int(value):
-            self.fail(key, f"{value!r} is not an integer{' or null' if nullable else ''}")
-        elif (low is not None and value < low) or (high is not None and value > high):
-            self.fail(key, f"{value!r} is not in [{low}, {'inf' if high is None else high}]")
-
-    def number(
-        self, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False
-    ) -> None:
-        value = self.present(key)
-        if value is MISSING:
-            return
-        if not (_is_int(value) or isinstance(value, float)) or value != value:
-            self.fail(key, f"{value!r} is not a number")
-            return
-        too_low = value <= low if low_open else value < low
-        too_high = value >= high if high_open else value > high
-        if too_low or too_high:
-            self.fail(
-                key,
-                f"{value!r} is not in {'(' if low_open else '['}{low}, {high}"
-                f"{')' if high_open else ']'}",
-            )
-
-    def choice(self, key: str, options: tuple[object, ...]) -> None:
-        value = self.present(key)
-        if value is not MISSING and value not in options:
-            self.fail(key, f"{value!r} is not one of {', '.join(map(str, options))}")
-
-    def boolean(self, key: str) -> None:
-        value = self.present(key)
-        if value is not MISSING and not isinstance(value, bool):
-            self.fail(key, f"{value!r} is not true or false")
-
-    def text(self, key: str, nullable: bool = False) -> None:
-        value = self.present(key)
-        if value is MISSING or (nullable and value in (None, "")):
-            return
-        if not isinstance(value, str) or not value.strip():
-            self.fail(key, f"{value!r} is not a non-empty string")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_data(c: _Checker, model_name: object) -> None:
-    classes = c.present("data.classes")
-    names_ok = (OmegaConf.is_list(classes) or isinstance(classes, list)) and all(
-        isinstance(n, str) and n.strip() and "/" not in n and n not in (".", "..") for n in classes
-    )
-    if classes is not MISSING and not (
-        names_ok and len(classes) >= 2 and len(set(classes)) == len(classes)
-    ):
-        c.fail("data.classes", f"{classes!r} needs at least two distinct folder names")
-    c.text("data.root")
-    c.text("data.prepared_dir")
-    c.integer("data.source_size", 16, 4096)
-    c.integer("data.image_size", MIN_IMAGE_SIZE.get(model_name, 16), 512)
-    size = c.value("data.image_size")
-    if _is_int(size) and model_name in MIN_IMAGE_SIZE and size < MIN_IMAGE_SIZE[model_name]:
-        c.problems[-1] += (
-            f" (model {model_name} cannot take inputs under {MIN_IMAGE_SIZE[model_name]} px)"
+def _cross_key_problems(cfg: DictConfig) -> list[str]:
+    """The input size each model needs, the RAF-DB labels naming data.classes, evaluate's
+    conditions and train.augment's order rules (each entry checked by soundmood.conditions)."""
+    found: list[str] = []
+    model, size = OmegaConf.select(cfg, "model.name"), OmegaConf.select(cfg, "data.image_size")
+    least = MIN_IMAGE_SIZE.get(model) if isinstance(model, str) else None
+    if least and isinstance(size, int) and size < least:
+        found.append(
+            f"data.image_size: {size!r} is under {least} px, the least model {model} takes"
         )
-    c.number("data.val_fraction", 0.0, 0.5, low_open=True, high_open=True)
-    c.integer("data.limit_per_class", 4, nullable=True)
-    c.choice("data.on_bad_format", ("error", "convert"))
-    c.integer("data.convert_min_side", 1, 4096)
-    c.integer("data.near_duplicate_bits", 0, 256)
-    for key in ("max_image_pixels", "max_file_bytes", "max_archive_bytes", "max_archive_files"):
-        c.integer(f"data.limits.{key}", 1)
-    labels = c.present("data.rafdb_labels")
-    if labels is MISSING:
-        return
-    if not OmegaConf.is_dict(labels):
-        c.fail("data.rafdb_labels", f"{labels!r} is not a mapping of RAF-DB label to class")
-        return
-    for label, name in labels.items():
+    classes = OmegaConf.select(cfg, "data.classes")
+    labels = OmegaConf.select(cfg, "data.rafdb_labels")
+    for label, name in labels.items() if OmegaConf.is_dict(labels) else ():
         if str(label) not in RAFDB_LABELS:
-            c.fail(f"data.rafdb_labels.{label}", "RAF-DB basic labels are '1' to '7'")
-        elif classes is not MISSING and name not in list(classes):
-            c.fail(f"data.rafdb_labels.{label}", f"{name!r} is not one of data.classes")
-
-
-def _check_model(c: _Checker) -> None:
-    name = c.present("model.name")
-    if name is not MISSING and name not in KNOWN_MODELS:
-        c.fail("model.name", f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
-    c.number("model.dropout", 0.0, 1.0, high_open=True)
-    if name == "mobilenet_v2":
-        c.text("model.weights", nullable=True)
-        sha = c.value("model.weights_sha256")
-        if sha not in (MISSING, None, "") and not re.fullmatch(r"[0-9a-f]{64}", str(sha)):
-            c.fail("model.weights_sha256", f"{sha!r} is not a 64-character hex sha256")
-        c.choice("model.alpha", MOBILENET_ALPHAS)
-        c.number("model.bn_momentum", 0.0, 1.0, low_open=True, high_open=True)
-        c.integer("model.frozen_layers", 0)
-    elif name == "seed_cnn":
-        c.number("model.l2", 0.0, 1.0)
-
-
-def _check_train(c: _Checker) -> None:
-    c.integer("train.epochs", 1, 10_000)
-    c.integer("train.batch_size", 1, 65_536)
-    c.choice("train.optimizer", ("adamw", "adam", "sgd"))
-    c.number("train.lr", 0.0, 10.0, low_open=True)
-    c.number("train.weight_decay", 0.0, 1.0, high_open=True)
-    c.choice("train.schedule", ("cosine", "constant"))
-    c.integer("train.warmup_epochs", 0, 10_000)
-    c.number("train.label_smoothing", 0.0, 1.0, high_open=True)
-    c.choice("train.class_weight", ("balanced", "sqrt", "none"))
-    c.integer("train.early_stopping_patience", 0, 10_000)
-    c.choice("train.monitor", ("val_macro_f1", "val_accuracy", "val_loss"))
-    c.boolean("train.use_tuned")
-    _check_taus(c, "train.logit_adjustment.taus")
-    c.choice("train.logit_adjustment.objective", ("macro_f1", "accuracy"))
-    c.boolean("train.calibrate")
-    c.boolean("train.deterministic")
-    c.integer("train.threads", 0, 1024)
-    c.boolean("train.augment.flip")
-    c.number("train.augment.rotation", 0.0, 0.5)
-    _check_zoom(c, "train.augment.zoom")
-    c.number("train.augment.translation", 0.0, 1.0, high_open=True)
-    for key in ("contrast", "brightness"):
-        c.number(f"train.augment.{key}", 0.0, 1.0)
-    c.text("train.model_dir")
-
-
-def _check_taus(c: _Checker, key: str) -> None:
-    """A non-empty list of logit-adjustment strengths, each in [-2, 2]."""
-    value = c.present(key)
-    if value is MISSING:
-        return
-    taus = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
-    if not taus or not all((_is_int(t) or isinstance(t, float)) and -2.0 <= t <= 2.0 for t in taus):
-        c.fail(key, f"{value!r} is not a non-empty list of numbers in [-2, 2]")
-
-
-def _check_zoom(c: _Checker, key: str) -> None:
-    """A zoom strength in [0, 1) (in and out by up to it), or a [low, high] range of
-    keras.layers.RandomZoom factors in (-1, 1): negative zooms in, positive zooms out."""
-    value = c.value(key)
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        c.number(key, 0.0, 1.0, high_open=True)
-        return
-    pair = list(value)
-    numbers = len(pair) == 2 and all(_is_int(v) or isinstance(v, float) for v in pair)
-    if not (numbers and -1 < pair[0] <= pair[1] < 1):
-        c.fail(key, f"{pair!r} is not a number or a [low, high] range with -1 < low <= high < 1")
-
-
-def _check_robustness(c: _Checker) -> None:
-    """Capture-degradation augmentation (train.augment) and evaluate's conditions."""
-    checks = [lambda: conditions.check_augment(c.cfg.train.augment)]
-    if "evaluate" in c.cfg:
-        checks.append(lambda: conditions.check_config(c.cfg))
-    for check in checks:
-        try:
-            check()
-        except ConfigError as exc:
-            c.problems.append(str(exc))
-    if OmegaConf.select(c.cfg, "registry.min_condition_accuracy", default=None) is not None:
-        c.number("registry.min_condition_accuracy", 0.0, 1.0)
+            found.append(f"data.rafdb_labels.{label}: RAF-DB basic labels are '1' to '7'")
+        elif OmegaConf.is_list(classes) and name not in list(classes):
+            found.append(f"data.rafdb_labels.{label}: {name!r} is not one of data.classes")
+    found += conditions.condition_problems(OmegaConf.select(cfg, conditions.CONDITIONS_KEY))
+    augment = OmegaConf.select(cfg, conditions.AUGMENT_KEY)
+    if OmegaConf.is_dict(augment):
+        found += conditions.augment_rule_problems(augment)
+    return found
 
 
 def validate(cfg: DictConfig) -> None:
-    """Reject values no stage could use, naming every offending key (types and ranges of the
-    data, model and train groups, and the seed)."""
-    c = _Checker(cfg)
-    c.integer("seed", 0, 2**32 - 1)
-    _check_model(c)
-    _check_data(c, c.value("model.name"))
-    _check_train(c)
-    _check_robustness(c)
-    if c.problems:
-        raise ConfigError(
-            "invalid configuration:\n  " + "\n  ".join(c.problems)
-            if len(c.problems) > 1
-            else c.problems[0]
-        )
+    """Reject values no stage could use, naming every offending key: every key against
+    soundmood.schema, then the rules across keys."""
+    found = schema.problems(cfg, schema.config_table(OmegaConf.select(cfg, "model.name")))
+    schema.raise_problems(found + _cross_key_problems(cfg))
