@@ -53,7 +53,7 @@ class Face:
     confidence: float  # the detector's final (O-Net) score
     landmarks: tuple[tuple[float, float], ...]  # x, y for each of LANDMARKS
     photo: Image.Image = field(repr=False, compare=False)
-    settings: CropSettings = field(repr=False, compare=False, default_factory=CropSettings)
+    settings: CropSettings = field(repr=False, compare=False)
 
     @property
     def area(self) -> int:

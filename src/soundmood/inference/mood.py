@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-MOOD_WEIGHTINGS = ("area", "uniform", "largest")
 # No threshold known (a model logged before calibration, a .keras without reports/train.json):
 # every answer counts as confident, since every top probability is >= 0.
 NO_THRESHOLD = 0.0
