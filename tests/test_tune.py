@@ -29,9 +29,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 import soundmood.tune.study as tune_study
 from soundmood import train, tune
+from soundmood.config import validate, with_values
 from soundmood.errors import ConfigError
 from soundmood.tune.report import handed_over
-from soundmood.tune.space import Param, parse_space, validate_tune, with_values
+from soundmood.tune.space import SearchParam, parse_space
 from soundmood.tune.study import budget_used, study_name
 from tests.conftest import ROOT, compose_config, smoke_config
 
@@ -325,8 +326,10 @@ def test_space_parses_float_log_int_step_and_categorical() -> None:
         )
     )
     by_key = {p.key: p for p in params}
-    assert by_key["train.lr"] == Param("train.lr", "float", 1e-4, 1e-2, log=True)
-    assert by_key["model.frozen_layers"] == Param("model.frozen_layers", "int", 0, 100, step=20)
+    assert by_key["train.lr"] == SearchParam("train.lr", "float", 1e-4, 1e-2, log=True)
+    assert by_key["model.frozen_layers"] == SearchParam(
+        "model.frozen_layers", "int", 0, 100, step=20
+    )
     assert by_key["train.optimizer"].choices == ("adamw", "sgd")
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):  # real Optuna draws stay inside each declaration
@@ -335,8 +338,8 @@ def test_space_parses_float_log_int_step_and_categorical() -> None:
         assert all(by_key[k].contains(v) for k, v in values.items()), values
         assert values["model.frozen_layers"] % 20 == 0
         study.tell(trial, 0.0)
-    assert Param("x", "int", 0, 100, step=20).contains(40)
-    assert not Param("x", "int", 0, 100, step=20).contains(30)
+    assert SearchParam("x", "int", 0, 100, step=20).contains(40)
+    assert not SearchParam("x", "int", 0, 100, step=20).contains(30)
 
 
 @pytest.mark.parametrize(
@@ -510,4 +513,4 @@ def test_removed_budget_keys_are_not_in_the_config() -> None:
     threshold: tune has no timeout_s and no min_gain."""
     tune_cfg = compose_config().tune
     assert "timeout_s" not in tune_cfg and "min_gain" not in tune_cfg
-    validate_tune(tune_cfg)
+    validate(compose_config())

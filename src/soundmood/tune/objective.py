@@ -22,10 +22,10 @@ import optuna
 from omegaconf import DictConfig
 from optuna_integration import KerasPruningCallback
 
-from soundmood.config import validate
+from soundmood.config import validate, with_values
 from soundmood.errors import ConfigError
 from soundmood.fitting import fit
-from soundmood.tune.space import Param, with_values
+from soundmood.tune.space import SearchParam
 from soundmood.tune.study import budget_taken, trial_work_dir, worker_id
 
 
@@ -58,7 +58,7 @@ class Objective:
     """Trains one trial's configuration inside a nested MLflow run and returns its value."""
 
     cfg: DictConfig
-    params: list[Param]
+    params: list[SearchParam]
     study_name: str
     parent_run_id: str
     train_data: tuple[np.ndarray, np.ndarray]

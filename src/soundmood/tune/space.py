@@ -1,5 +1,6 @@
-"""The search space: `tune.space` parsed into `Param`s against the composed config, and the search's
-own settings checked before any work (every message names the offending key)."""
+"""The search space: `tune.space` parsed into `SearchParam`s against the composed config before any
+work (every message names the offending key). The search's own settings (tune.*) are
+soundmood.schema's, checked with the rest of the config."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from soundmood.config import validate
+from soundmood.config import MISSING, validate, with_values
 from soundmood.errors import ConfigError
 
-OBJECTIVES = ("val_macro_f1", "val_accuracy")
-PRUNERS = ("median", "hyperband", "none")
 FIELDS = {
     "float": {"low", "high", "log", "step"},
     "int": {"low", "high", "log", "step"},
@@ -22,11 +21,10 @@ FIELDS = {
 }
 SCALARS = (bool, int, float, str, type(None))
 UNTUNABLE_GROUPS = ("data", "tune")  # data.* is fixed by prepare; tune.* configures the search
-_MISSING = object()
 
 
 @dataclass(frozen=True)
-class Param:
+class SearchParam:
     """One declared dimension of the search: a composed config key and its distribution."""
 
     key: str
@@ -71,7 +69,7 @@ class Param:
         return f"{self.key} {self.kind}{scale} [{self.low}, {self.high}]{step}"
 
 
-def parse_space(cfg: DictConfig) -> list[Param]:
+def parse_space(cfg: DictConfig) -> list[SearchParam]:
     """Check `tune.space` against the composed config; every error names the offending key."""
     space = cfg.tune.get("space")
     if not space:
@@ -91,15 +89,15 @@ def parse_space(cfg: DictConfig) -> list[Param]:
     return params
 
 
-def parse_param(cfg: DictConfig, key: str, spec: Any) -> Param:
+def parse_param(cfg: DictConfig, key: str, spec: Any) -> SearchParam:
     where = f"tune.space.{key}"
     if key.split(".")[0] in UNTUNABLE_GROUPS:
         raise ConfigError(
             f"{where}: {key!r} cannot be tuned (data.* is fixed by the prepare "
             f"stage, tune.* configures the search)"
         )
-    current = OmegaConf.select(cfg, key, default=_MISSING)
-    if current is _MISSING:
+    current = OmegaConf.select(cfg, key, default=MISSING)
+    if current is MISSING:
         raise ConfigError(f"{where}: {key!r} is not a key of the composed config")
     if isinstance(current, DictConfig | ListConfig):
         raise ConfigError(f"{where}: {key!r} is a group or list, not a single value")
@@ -122,7 +120,7 @@ def parse_param(cfg: DictConfig, key: str, spec: Any) -> Param:
     return _parse_numeric(where, key, kind, spec)
 
 
-def _parse_categorical(where: str, key: str, spec: dict) -> Param:
+def _parse_categorical(where: str, key: str, spec: dict) -> SearchParam:
     choices = spec.get("choices")
     if not isinstance(choices, list) or not choices:
         raise ConfigError(f"{where}.choices: must be a non-empty list")
@@ -133,10 +131,10 @@ def _parse_categorical(where: str, key: str, spec: dict) -> Param:
             )
     if len({(type(c), c) for c in choices}) != len(choices):
         raise ConfigError(f"{where}.choices: {choices} lists a value twice")
-    return Param(key, "categorical", choices=tuple(choices))
+    return SearchParam(key, "categorical", choices=tuple(choices))
 
 
-def _parse_numeric(where: str, key: str, kind: str, spec: dict) -> Param:
+def _parse_numeric(where: str, key: str, kind: str, spec: dict) -> SearchParam:
     number: tuple[type, ...] = (int,) if kind == "int" else (int, float)
     noun = "int" if kind == "int" else "number"
     what = f"an {noun}" if kind == "int" else f"a {noun}"
@@ -161,21 +159,13 @@ def _parse_numeric(where: str, key: str, kind: str, spec: dict) -> Param:
         if log and (kind == "float" or step != 1):
             raise ConfigError(f"{where}: log and step cannot be combined")
     if kind == "float":
-        return Param(
+        return SearchParam(
             key, kind, float(low), float(high), log, float(step) if step is not None else None
         )
-    return Param(key, kind, low, high, log, step)
+    return SearchParam(key, kind, low, high, log, step)
 
 
-def with_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
-    """A copy of `cfg` with the dotted keys set to `values`."""
-    out = cfg.copy()
-    for key, value in values.items():
-        OmegaConf.update(out, key, value, merge=False)
-    return out
-
-
-def check_values_accepted(cfg: DictConfig, param: Param) -> None:
+def check_values_accepted(cfg: DictConfig, param: SearchParam) -> None:
     """The range's ends (or every choice) must pass the pipeline's own config validation."""
     for value in param.extremes():
         try:
@@ -186,39 +176,6 @@ def check_values_accepted(cfg: DictConfig, param: Param) -> None:
             ) from exc
 
 
-def validate_tune(tune: DictConfig) -> None:
-    """The search's own settings, checked before any work (message names the key)."""
-
-    def require(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"tune.{key}: {message}")
-
-    def positive_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-    require(
-        tune.objective in OBJECTIVES,
-        "objective",
-        f"{tune.objective!r} is not one of {', '.join(OBJECTIVES)}",
-    )
-    require(tune.pruner in PRUNERS, "pruner", f"{tune.pruner!r} is not one of {', '.join(PRUNERS)}")
-    require(positive_int(tune.n_trials), "n_trials", "must be an int >= 1")
-    require(positive_int(tune.epochs), "epochs", "must be an int >= 1")
-    require(0 < tune.subset_fraction <= 1, "subset_fraction", "must be in (0, 1]")
-    require(
-        isinstance(tune.storage, str) and "://" in tune.storage,
-        "storage",
-        f"{tune.storage!r} is not an SQLAlchemy URL such as sqlite:///optuna.db",
-    )
-    for key in ("sampler_startup_trials", "pruner_startup_trials", "pruner_warmup_steps"):
-        require(isinstance(tune[key], int) and tune[key] >= 0, key, "must be an int >= 0")
-    require(
-        isinstance(tune.hyperband_reduction_factor, int) and tune.hyperband_reduction_factor >= 2,
-        "hyperband_reduction_factor",
-        "must be an int >= 2",
-    )
-
-
-def configured_values(cfg: DictConfig, params: list[Param]) -> dict[str, Any]:
+def configured_values(cfg: DictConfig, params: list[SearchParam]) -> dict[str, Any]:
     """The composed config's own value of every tuned key: what the baseline trial measures."""
     return {p.key: OmegaConf.select(cfg, p.key) for p in params}

@@ -11,9 +11,10 @@ import optuna
 from omegaconf import DictConfig
 
 from soundmood import tracking
+from soundmood.config import validate
 from soundmood.errors import UserError
 from soundmood.tune.report import log_summary, write_disabled, write_reports
-from soundmood.tune.space import parse_space, validate_tune
+from soundmood.tune.space import parse_space
 from soundmood.tune.study import (
     budget_used,
     enqueue_baseline,
@@ -40,7 +41,7 @@ def run(cfg: DictConfig, workers: int = 1) -> dict[str, Any]:
     """The `tune` stage: search, then write best_params.yaml and tune.json."""
     if not cfg.tune.enabled:
         return write_disabled(cfg)
-    validate_tune(cfg.tune)
+    validate(cfg)  # tune.* with the rest, for a caller that did not load it validated
     params = parse_space(cfg)
     if workers > 1 and is_sqlite(cfg.tune.storage):
         print(

@@ -34,7 +34,7 @@ from soundmood.config import flatten
 from soundmood.data.layout import data_version
 from soundmood.fitting import WORK_DIR
 from soundmood.processes import is_alive
-from soundmood.tune.space import Param, configured_values
+from soundmood.tune.space import SearchParam, configured_values
 
 # Config values no trial's result depends on (paths, the full run's epochs, hand-over switches):
 # changing them keeps the study.
@@ -59,7 +59,7 @@ NOT_COUNTED_REASONS = frozenset({"interrupted", "orphaned", "surplus"})
 UNCLAIMED_GRACE = timedelta(seconds=60)
 
 
-def study_name(cfg: DictConfig, params: list[Param]) -> str:
+def study_name(cfg: DictConfig, params: list[SearchParam]) -> str:
     """Data version + digest of the space and of every value a trial's result depends on."""
     tuned = {p.key for p in params}
     fixed = {
@@ -214,7 +214,9 @@ def _close_orphaned_runs(trial: FrozenTrial) -> None:
             pass  # the run lives in another tracking store: nothing to close here
 
 
-def enqueue_baseline(study: optuna.Study, cfg: DictConfig, params: list[Param]) -> dict[str, Any]:
+def enqueue_baseline(
+    study: optuna.Study, cfg: DictConfig, params: list[SearchParam]
+) -> dict[str, Any]:
     """Trial 0 evaluates the composed config's own values (those inside the space), so the study
     always measures the untuned configuration under the same budget."""
     current = configured_values(cfg, params)

@@ -17,9 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from soundmood import tracking
+from soundmood.config import with_values
 from soundmood.data.prepare import load_split
 from soundmood.tune.objective import Objective, stratified_subset
-from soundmood.tune.space import Param, parse_space, with_values
+from soundmood.tune.space import SearchParam, parse_space
 from soundmood.tune.study import (
     budget_taken,
     make_pruner,
@@ -75,7 +76,7 @@ def _short(value: Any) -> str:
 
 def optimize(
     cfg: DictConfig,
-    params: list[Param],
+    params: list[SearchParam],
     name: str,
     parent_run_id: str,
     worker: int = 0,
