@@ -35,7 +35,7 @@ from soundmood.data.archive import (
 )
 from soundmood.data.images import IMAGE_SUFFIXES, ImageError, open_bounded
 from soundmood.data.layout import RAFDB_LABEL_NAMES, SPLITS
-from soundmood.data.rafdb_release import Item, Settings, detect, select
+from soundmood.data.rafdb_release import ImportSettings, Item, detect, select
 from soundmood.errors import UnsafeFileError
 from soundmood.fileio import atomic_folder, file_kind
 
@@ -81,7 +81,7 @@ class Summary:
     replaced: bool
 
 
-def import_rafdb(source_path: Path, out: Path, settings: Settings) -> Summary:
+def import_rafdb(source_path: Path, out: Path, settings: ImportSettings) -> Summary:
     """Import into `out` atomically; raise ArchiveError naming every problem, `out` unchanged."""
     check_out(out, source_path, settings.classes)  # before the slow read of the source
     source = open_source(source_path, settings.limits)
@@ -183,7 +183,7 @@ def _overlaps(source: Path, out: Path) -> bool:
 
 
 def _write_tree(
-    source: Source, items: list[Item], tree: Path, settings: Settings
+    source: Source, items: list[Item], tree: Path, settings: ImportSettings
 ) -> dict[str, Counter]:
     """Check every image; write the good ones only while no problem was found (to name them all)."""
     counts = {s: Counter() for s in SPLITS}
@@ -231,7 +231,7 @@ def format_summary(summary: Summary, classes: tuple[str, ...]) -> Iterator[str]:
 
 def import_cli(cfg: DictConfig, args: object) -> int:
     """The `import-rafdb` command."""
-    settings = Settings.from_config(cfg)
+    settings = ImportSettings.from_config(cfg)
     summary = import_rafdb(Path(args.source), Path(args.out), settings)
     for line in format_summary(summary, settings.classes):
         print(line)

@@ -29,7 +29,7 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 
 
 @dataclass(frozen=True)
-class Settings:
+class ImportSettings:
     """What an import follows: data.classes, data.rafdb_labels and data.limits."""
 
     classes: tuple[str, ...]
@@ -37,7 +37,7 @@ class Settings:
     limits: Limits
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> Settings:
+    def from_config(cls, cfg: DictConfig) -> ImportSettings:
         data = cfg.data
         return cls(
             tuple(data.classes),
@@ -186,7 +186,7 @@ def detect(source: Source, limits: Limits) -> tuple[str, list[Item], list[str]]:
     )
 
 
-def select(items: list[Item], settings: Settings, where: str) -> tuple[list[Item], list[str]]:
+def select(items: list[Item], settings: ImportSettings, where: str) -> tuple[list[Item], list[str]]:
     """Keep the mapped labels; other RAF-DB labels are dropped, labels outside 1..7 are problems."""
     kept, problems, seen = [], [], set()
     for item in items:
