@@ -12,8 +12,6 @@ its MLflow run) into the retry.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import socket
@@ -26,11 +24,11 @@ import mlflow
 import numpy as np
 import optuna
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from soundmood.config import flatten
+from soundmood.config import digest, result_inputs
 from soundmood.data.layout import data_version
 from soundmood.fitting import WORK_DIR
 from soundmood.processes import is_alive
@@ -38,17 +36,9 @@ from soundmood.tune.space import SearchParam, configured_values
 
 # Config values no trial's result depends on (paths, the full run's epochs, hand-over switches):
 # changing them keeps the study.
-NOT_AFFECTING_TRIALS = frozenset(
-    {
-        "data.root",
-        "data.prepared_dir",
-        "model.weights",
-        "train.model_dir",
-        "train.use_tuned",
-        "train.epochs",
-        "train.threads",
-    }
-)
+# What a trial's result depends on: the model's result inputs (config.result_inputs), less the
+# full run's length, plus these keys of the search itself.
+NOT_AFFECTING_TRIALS = frozenset({"train.epochs"})  # a trial trains tune.epochs
 TUNE_KEYS_AFFECTING_TRIALS = ("tune.epochs", "tune.subset_fraction", "tune.objective")
 # Trials that failed because their process stopped, not because of their values (or, "surplus",
 # that a concurrent worker took the last place in the budget first): they do not use up the
@@ -64,22 +54,16 @@ def study_name(cfg: DictConfig, params: list[SearchParam]) -> str:
     tuned = {p.key for p in params}
     fixed = {
         k: v
-        for k, v in flatten(cfg).items()
-        if (
-            k.split(".")[0] in ("seed", "data", "model", "train") or k in TUNE_KEYS_AFFECTING_TRIALS
-        )
-        and k not in NOT_AFFECTING_TRIALS
-        and k not in tuned
+        for k, v in result_inputs(cfg).items()
+        if k not in NOT_AFFECTING_TRIALS and k not in tuned
     }
+    fixed.update({k: OmegaConf.select(cfg, k) for k in TUNE_KEYS_AFFECTING_TRIALS})
     space = {p.key: [p.kind, p.low, p.high, p.log, p.step, list(p.choices)] for p in params}
     # the baseline trial measures the configured values and, when no trial clearly beats it,
     # they are what train gets: a study measured with other defaults must not stand in for them
     baseline = configured_values(cfg, params) if cfg.tune.enqueue_baseline else {}
-    blob = json.dumps(
-        {"space": space, "fixed": fixed, "baseline": baseline}, sort_keys=True, default=str
-    )
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
-    return f"soundmood-{data_version()[:8]}-{digest}"
+    inputs = {"space": space, "fixed": fixed, "baseline": baseline}
+    return f"soundmood-{data_version()[:8]}-{digest(inputs, length=10)}"
 
 
 def is_sqlite(url: str) -> bool:
