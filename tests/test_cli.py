@@ -57,7 +57,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
         (
             "train.lrr=1",
             "error: unknown config key 'train.lrr' in override 'train.lrr=1' (keys are listed "
-            "in docs/config.md; +train.lrr=... would add a new one)",
+            "in docs/config.md and declared in src/soundmood/schema.py)",
         ),
         (
             "train.lr=[1",

@@ -70,7 +70,7 @@ def _composition_error(exc: Exception, overrides: list[str]) -> str:
         given = next((o for o in overrides if o.split("=", 1)[0] == key), key)
         return (
             f"unknown config key {key!r} in override {given!r} (keys are listed in "
-            f"docs/config.md; +{key}=... would add a new one)"
+            "docs/config.md and declared in src/soundmood/schema.py)"
         )
     if isinstance(exc, OverrideParseException):
         parser = OverridesParser.create()
