@@ -21,6 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 from skimage import data as skdata
+from skimage.transform import SimilarityTransform
 
 from soundmood import schema
 from soundmood.data.images import load_face
@@ -35,6 +36,7 @@ from soundmood.inference import (
     load_photo,
     predict_photo,
 )
+from soundmood.inference.detect import fit_similarity
 from soundmood.inference.predict import NO_THRESHOLD_KNOWN, resolve_min_confidence
 from soundmood.models import build
 from tests.conftest import ROOT, compose_config
@@ -638,3 +640,11 @@ def test_a_missing_photo_is_said_not_to_exist(
     )
     assert code == 2 and error_lines(err) == [f"error: {missing}: does not exist"]
     assert lines[0]["error"] == f"{missing}: does not exist"
+
+
+def test_the_alignment_fit_is_skimage_s_similarity_transform() -> None:
+    rng = np.random.default_rng(3)
+    src = rng.uniform(0, 300, size=(5, 2))
+    dst = src @ np.array([[0.3, -0.1], [0.1, 0.3]]) + [12.0, -4.0] + rng.normal(0, 2, (5, 2))
+    reference = SimilarityTransform.from_estimate(src, dst)
+    assert np.allclose(fit_similarity(src, dst), reference.params[:2], atol=1e-6)

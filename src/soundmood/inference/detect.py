@@ -204,6 +204,8 @@ def fit_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares rotation+scale+shift taking points `src` onto `dst` (2x3 matrix).
 
     As complex numbers the model is dst = c * src + t, whose least-squares c has a closed form.
+    skimage's SimilarityTransform fits the same (tests/test_inference.py compares them), but
+    scikit-image and SciPy would join the served model's environment for these six lines.
     """
     src, dst = np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64)
     mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
