@@ -43,8 +43,8 @@ def tiny_config() -> DictConfig:
 def build_tiny_model():
     """A real (untrained, seeded) seed_cnn at 32 px: what the pyfunc wraps is the point here,
     not its accuracy."""
-    from soundmood.models import build
     from soundmood.fitting import compile_model, configure_tensorflow
+    from soundmood.models import build
 
     cfg = tiny_config()
     configure_tensorflow(2, cfg.seed)  # seeds the initial weights too
