@@ -199,13 +199,12 @@ def test_class_weights_average_one_and_sqrt_halves_the_balanced_spread() -> None
     [
         (
             "model.name=resnet50",
-            "model.name: unknown model 'resnet50'; known: mobilenet_v2, seed_cnn",
+            "model.name: 'resnet50' is not one of mobilenet_v2, seed_cnn",
         ),
         ("train.lr=-0.001", "train.lr: -0.001 is not in (0.0, 10.0]"),
         (
             "data.image_size=24",
-            "data.image_size: 24 is not in [32, 512] (model mobilenet_v2 cannot "
-            "take inputs under 32 px)",
+            "data.image_size: 24 is under 32 px, the least model mobilenet_v2 takes",
         ),
         ("train.deterministic=maybe", "train.deterministic: 'maybe' is not true or false"),
         ("train.epochs=0", "train.epochs: 0 is not in [1, 10000]"),
