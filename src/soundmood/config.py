@@ -22,8 +22,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from soundmood import conditions, fileio, schema
 from soundmood.errors import ConfigError
+from soundmood.schema import ABSENT
 
-MISSING = object()  # OmegaConf.select's default: tells an absent key from a null one
 PARAMS_FILE = "params.yaml"
 CONFIG_DIR = "conf"
 CONFIG_NAME = "config"
@@ -169,7 +169,7 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
                 f"switch; compose it into params.yaml with `soundmood params {item}` (or "
                 f"`dvc exp run -S {item}`), then run the stage"
             )
-        if OmegaConf.select(cfg, key, default=MISSING) is MISSING:
+        if OmegaConf.select(cfg, key, default=ABSENT) is ABSENT:
             raise ConfigError(f"unknown config key {key!r} in override {item!r}")
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
@@ -234,7 +234,7 @@ def with_values(cfg: DictConfig, values: Mapping[str, object], where: str = "") 
     refused (naming `where` the values came from), never silently added."""
     out = cfg.copy()
     for key, value in values.items():
-        if OmegaConf.select(out, key, default=MISSING) is MISSING:
+        if OmegaConf.select(out, key, default=ABSENT) is ABSENT:
             raise ConfigError(f"{where or 'override'}: {key!r} is not a key of the config")
         OmegaConf.update(out, key, value, merge=False)
     return out

@@ -11,8 +11,9 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from soundmood.config import MISSING, validate, with_values
+from soundmood.config import validate, with_values
 from soundmood.errors import ConfigError
+from soundmood.schema import ABSENT
 
 FIELDS = {
     "float": {"low", "high", "log", "step"},
@@ -96,8 +97,8 @@ def parse_param(cfg: DictConfig, key: str, spec: Any) -> SearchParam:
             f"{where}: {key!r} cannot be tuned (data.* is fixed by the prepare "
             f"stage, tune.* configures the search)"
         )
-    current = OmegaConf.select(cfg, key, default=MISSING)
-    if current is MISSING:
+    current = OmegaConf.select(cfg, key, default=ABSENT)
+    if current is ABSENT:
         raise ConfigError(f"{where}: {key!r} is not a key of the composed config")
     if isinstance(current, DictConfig | ListConfig):
         raise ConfigError(f"{where}: {key!r} is a group or list, not a single value")
