@@ -234,6 +234,7 @@ def test_a_failed_prepare_changes_nothing(tmp_path: Path, data_root: Path) -> No
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["prepared"]  # nothing left
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_loader_refuses_a_mixed_cut_off_or_undescribed_prepared_folder(
     tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

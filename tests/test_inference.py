@@ -428,6 +428,7 @@ def test_missing_model_and_empty_folder_exit_2(
         load_model("not-a-model-anywhere")
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_predict_command_end_to_end(tmp_path: Path, models_dir: Path) -> None:
     """The installed `soundmood predict` in a fresh process: JSON lines and annotated copies."""
     folder = photo_folder(tmp_path / "photos", corrupt=False)

@@ -94,6 +94,7 @@ def test_adjust_folds_the_chosen_tau_and_is_off_with_only_tau_zero(faces: dict) 
     np.testing.assert_array_equal(chosen.predictions, served)
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_the_onnx_graph_picks_the_tau_and_labels_keras_would(faces: dict, tmp_path: Path) -> None:
     from soundmood.export import served_forward
 

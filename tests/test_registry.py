@@ -176,6 +176,7 @@ def tags_of(cfg: DictConfig, version: str) -> dict[str, str]:
     return mlflow.MlflowClient().get_model_version(cfg.registry.model_name, version).tags
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_versions_are_promoted_refused_and_rolled_back(cfg, keras_model):
     v1 = add_version(cfg, keras_model, 0.50)
     mv = mlflow.MlflowClient().get_model_version(cfg.registry.model_name, v1)

@@ -246,6 +246,7 @@ def test_bad_condition_fails_before_any_work(prepared_smoke) -> None:
 # --- evaluation of a real model, reports and MLflow ----------------------------------------------
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_evaluation_writes_and_logs_every_condition(
     prepared_smoke, mlflow_uri: str, tmp_path: Path
 ) -> None:

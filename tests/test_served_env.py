@@ -96,6 +96,7 @@ SERVED_PATH = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_served_path_leaves_out_the_cli_and_imports_only_pinned_distributions(tmp_path):
     """What serving a detect_faces request imports, in a fresh interpreter (about 10 s: MTCNN
     imports TensorFlow)."""

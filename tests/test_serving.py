@@ -205,6 +205,7 @@ def test_detect_faces_option_classifies_detected_faces(store, keras_model):
     assert "faces" not in plain.columns  # off by default
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_served_model_loads_without_this_repository_on_the_path(store, keras_model, tmp_path):
     """The logged model carries the soundmood package: a fresh interpreter whose path holds no
     /work/main/src (the editable install's entry removed) loads and runs it."""
@@ -260,6 +261,7 @@ def log_with_threshold(model, cfg: DictConfig, min_confidence: float | None) -> 
     return info.model_uri
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_confident_column_follows_the_logged_threshold(store, keras_model):
     """The same model logged at two thresholds: `confident` is top probability >= each, and a
     model without one (logged before calibration) calls every row confident."""
@@ -296,6 +298,7 @@ def test_confident_column_follows_the_logged_threshold(store, keras_model):
         log_with_threshold(keras_model, cfg, 1.5)
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_detect_faces_rows_are_confident_only_through_a_confident_face(store, keras_model):
     """A photo whose one face is under the threshold keeps that face's probabilities with
     confident false (predict reports no mood there); at threshold 0 it is confident."""
@@ -404,6 +407,7 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_champion_is_served_over_http_and_bad_input_gets_a_400(store, keras_model, mlflow_uri):
     cfg = tiny_config()
     champion_store(keras_model, cfg)

@@ -45,6 +45,7 @@ def _model(cfg: DictConfig) -> keras.Model:
     return build(cfg.model, cfg.data.image_size, len(cfg.data.classes))
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_folded_temperature_gives_the_tempered_view_average(
     prepared_smoke: DictConfig, val: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
@@ -68,6 +69,7 @@ def test_folded_temperature_gives_the_tempered_view_average(
     np.testing.assert_allclose(tta_probabilities(graph, x, 32, True), expected, atol=1e-5)
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_calibrate_false_leaves_the_temperature_at_one(
     prepared_smoke: DictConfig,
     val: tuple[np.ndarray, np.ndarray],

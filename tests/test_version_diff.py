@@ -27,6 +27,7 @@ def diff_json(cfg, capsys, *refs: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # over 5 s: left out of make test-fast
 def test_the_diff_of_two_registered_versions_has_the_reports_deltas(cfg, keras_model, capsys):
     cfg.registry.auto_promote = False
     first = register_from_reports(cfg, keras_model, 0.62)
