@@ -31,7 +31,7 @@ from sklearn.metrics import (
     f1_score,
 )
 
-from soundmood import calibration, robustness, serving, tracking
+from soundmood import calibration, external, robustness, serving, tracking
 from soundmood.calibration import Reliability, Selective
 from soundmood.conditions import CLEAN, check_config
 from soundmood.data.prepare import load_split
@@ -340,7 +340,8 @@ def log_model(
 
 def run(cfg: DictConfig) -> dict:
     """The `evaluate` stage."""
-    check_config(cfg)  # a bad condition fails before the model is even loaded
+    check_config(cfg)  # a bad condition or external set fails before the model is even loaded
+    external.configured(cfg)
     model = keras.models.load_model(Path(cfg.train.model_dir) / MODEL_FILE)
     x, y = load_split(cfg.data.prepared_dir, "test")
     with tempfile.TemporaryDirectory(prefix="soundmood-served-") as exported:
@@ -380,6 +381,7 @@ def scored_and_logged(
     )
     robust_paths = robustness.write_reports(robust, reports)
     paths += write_trust_reports(reports, found, temperature, curves)
+    outside, outside_path = external.run(cfg, forward)  # evaluate.external's sets
 
     tracking.setup(cfg)
     run_id = train_run["mlflow_run_id"]
@@ -389,6 +391,7 @@ def scored_and_logged(
         for path in paths:
             mlflow.log_artifact(str(path), artifact_path="evaluation")
         robustness.log_to_mlflow(robust, robust_paths)
+        external.log_to_mlflow(outside, outside_path)
         curves_csv = reports / "plots" / "training_curves.csv"
         if curves_csv.exists():
             mlflow.log_artifact(str(curves_csv), artifact_path="evaluation")
@@ -421,4 +424,6 @@ def scored_and_logged(
             f"{robust['worst_accuracy']:.4f}, mean drop {robust['mean_drop']:.4f} over "
             f"{len(robust['conditions'])} conditions"
         )
+    for name, found_set in outside["sets"].items():
+        print(f"evaluate: external set {name}: {external.summary(found_set)}")
     return metrics

@@ -12,11 +12,17 @@ never written by hand. No MLflow here: soundmood.registry.store reads and writes
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 METRIC_PREFIX = "test_"  # version tags test_<metric> hold reports/metrics.json
 ROBUST_PREFIX = "robust_"  # version tags robust_<condition>_<stat> hold reports/robustness.json
+# version tags external_<set>_<stat> hold reports/external.json (soundmood.external)
+EXTERNAL_PREFIX = "external_"
+EXTERNAL_FILE = "external.json"
+EXTERNAL_STATS = ("accuracy", "macro_f1", "detected")  # per set, besides <class>_recall
 RECALL_SUFFIX = "_recall"
 # Per-condition figures kept as tags (robustness.mlflow_metrics); a suffix that ends another comes
 # after it, so robust_x_confident_accuracy is not condition x_confident's accuracy.
@@ -111,6 +117,32 @@ def condition_figures(tags: Mapping[str, str]) -> dict[str, dict[str, float]]:
             if name != rest and name and name not in SUMMARY_NAMES:
                 found.setdefault(name, {})[stat] = number
                 break
+    return found
+
+
+def external_figures(report: Mapping[str, Any]) -> dict[str, float]:
+    """external.json's content as flat external_<set>_<stat> figures (the run's metrics, the
+    version's tags): accuracy, macro_f1, detected (detect_faces) and <class>_recall of every
+    scored set; a skipped set, and a missing class, have none."""
+    found: dict[str, float] = {}
+    for name, scored in report.get("sets", {}).items():
+        if "skipped" in scored:
+            continue
+        for stat in EXTERNAL_STATS:
+            if (number := _number(scored.get(stat))) is not None:
+                found[f"{EXTERNAL_PREFIX}{name}_{stat}"] = number
+        for cls, value in (scored.get("recall") or {}).items():
+            if (number := _number(value)) is not None:
+                found[f"{EXTERNAL_PREFIX}{name}_{cls}{RECALL_SUFFIX}"] = number
+    return found
+
+
+def external_accuracies(tags: Mapping[str, Any]) -> dict[str, float]:
+    """external_<set>_accuracy tags (or a run's metrics) -> {set: accuracy}."""
+    pattern, found = re.compile(rf"^{EXTERNAL_PREFIX}(.+)_accuracy$"), {}
+    for key, value in tags.items():
+        if (match := pattern.match(key)) and (number := _number(value)) is not None:
+            found[match[1]] = number
     return found
 
 

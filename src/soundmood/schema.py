@@ -269,6 +269,7 @@ KEYS: dict[str, Spec] = {
         "reports_dir": text("where reports are written"),
         "condition_seed": integer("seed of the conditions' random variants", 0),
         "conditions": Spec("mapping", "name -> parameters (soundmood.conditions)", nullable=True),
+        "external": Spec("mapping", "set -> {path, detect_faces, label_map}", nullable=True),
     }),
     **_group("registry", {
         "model_name": text("registered model name"),
@@ -278,6 +279,7 @@ KEYS: dict[str, Spec] = {
         "min_condition_accuracy": number(
             "test accuracy every capture condition needs (0 or null: off)", 0.0, 1.0, nullable=True
         ),
+        "min_external_accuracy": Spec("mapping", "external set -> accuracy floor", nullable=True),
         "detect_faces": flag("the served model's detect_faces default"),
     }),
     # inference: `default` is what a caller without a config gets (a test holds conf/ to them)

@@ -86,10 +86,16 @@ def log_config(cfg: DictConfig) -> None:
 
 def log_dataset(cfg: DictConfig, split: str, context: str) -> None:
     """Record the data version (data.dvc md5) as the run's dataset input."""
+    folder = Path(cfg.data.root).resolve() / split
+    log_folder(folder, f"raf-db-5class-{split}", data_version(), context)
+
+
+def log_folder(folder: str | Path, name: str, digest: str, context: str) -> None:
+    """A local folder as one of the active run's dataset inputs, named and digested."""
     with warnings.catch_warnings():  # a local folder matches two equivalent source classes
         warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(str(Path(cfg.data.root).resolve() / split))
-    dataset = MetaDataset(source=source, name=f"raf-db-5class-{split}", digest=data_version())
+        source = resolve_dataset_source(str(Path(folder).resolve()))
+    dataset = MetaDataset(source=source, name=name, digest=digest)
     for attempt in range(3):
         try:
             mlflow.log_input(dataset, context=context)

@@ -50,6 +50,12 @@ def robust_tags(reports: Path) -> dict[str, float]:
     return mlflow_metrics(json.loads(path.read_text()), ROBUST_PREFIX)
 
 
+def external_tags(reports: Path) -> dict[str, float]:
+    """external_<set>_<stat> from reports/external.json, if any (soundmood.external)."""
+    path = reports / model_card.EXTERNAL_FILE
+    return model_card.external_figures(json.loads(path.read_text())) if path.exists() else {}
+
+
 def trained_temperature(reports: Path) -> float | None:
     """The softmax temperature train folded into the model (train_run.json, else train.json)."""
     for name in ("train_run.json", "train.json"):
@@ -77,7 +83,7 @@ def register_cli(cfg: DictConfig) -> int:
         metrics,
         tested_data_version(cfg),
         evaluation.get("test_images"),
-        robust_tags(reports),
+        {**robust_tags(reports), **external_tags(reports)},  # flat tags, each prefixed
         trained_temperature(reports),
     )
     mv = store.register(cfg, evaluation["model_uri"], run_id, tags)

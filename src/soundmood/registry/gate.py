@@ -13,11 +13,12 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
-from soundmood import model_card
+from soundmood import model_card, schema
 from soundmood.model_card import RECALL_SUFFIX, ROBUST_PREFIX, Tag
 from soundmood.robustness import condition_accuracies
 
 KEY_METRIC = "macro_f1"
+EXTERNAL_FLOOR = schema.number("the accuracy an external set needs", 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,40 @@ def condition_floor(candidate: Facts, champion: Facts | None, rules: DictConfig)
     )
 
 
+def external_floor(candidate: Facts, champion: Facts | None, rules: DictConfig) -> Check | None:
+    """Each external set with a floor in registry.min_external_accuracy (set -> accuracy; {}:
+    off) scored at least that: a set whose figure is absent (skipped, never scored) fails."""
+    floors = rules.get("min_external_accuracy") or {}
+    if not floors:
+        return None
+    for name, floor in floors.items():  # a bad floor is a ConfigError naming it
+        EXTERNAL_FLOOR.check(f"registry.min_external_accuracy.{name}", floor)
+    scored = model_card.external_accuracies(candidate.tags)
+    failed, passed = [], []
+    for name, floor in floors.items():
+        figure = scored.get(str(name))
+        if figure is None:
+            failed.append(f"{name}: no external_{name}_accuracy (set skipped or not configured)")
+        elif figure < float(floor):
+            failed.append(f"{name} {figure:.4f} < {float(floor)}")
+        else:
+            passed.append(f"{name} {figure:.4f} >= {float(floor)}")
+    if failed:
+        return Check(
+            False, f"external sets under registry.min_external_accuracy: {'; '.join(failed)}"
+        )
+    return Check(True, f"external sets at their floors ({', '.join(passed)})")
+
+
 # Evaluated in order, all of them, so a refusal lists every failed rule. A new rule is one more
 # function of this shape here.
-RULES: tuple[Rule, ...] = (class_recall_floor, condition_floor, same_test_data, beats_champion)
+RULES: tuple[Rule, ...] = (
+    class_recall_floor,
+    condition_floor,
+    external_floor,
+    same_test_data,
+    beats_champion,
+)
 
 
 def gate(
