@@ -1,9 +1,10 @@
 """Training's augmentation (train.augment) as Keras layers for the batched float32 [0, 255]
-tf.data map of fitting.make_dataset: keras' own random flip, rotation, zoom, translation, contrast
-and brightness layers, then the capture degradations (greyscale, gamma, downsample, jpeg).
-Each runs the function of soundmood.degradations that evaluation's conditions run, with
-parameters drawn per image; keras has no layer for gamma, down-up sampling or JPEG, and one layer
-class draws all four the same way.
+tf.data map of fitting.make_dataset: keras' own random flip, rotation, zoom, translation, contrast,
+brightness, perspective, saturation, hue, blur and erasing layers, then the capture degradations
+(greyscale, gamma, downsample, jpeg), and last the optional mixing of two faces and their labels
+(keras' MixUp or CutMix). Each capture degradation runs the function of soundmood.degradations
+that evaluation's conditions run, with parameters drawn per image; keras has no layer for gamma,
+down-up sampling or JPEG, and one layer class draws all four the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig, ListConfig
 
-from soundmood.conditions import check_augment
+from soundmood.conditions import MIN_ERASED, check_augment
 from soundmood.degradations import apply_batch, dark, grey, jpeg, lowres
 
 # From a (N, k) batch of uniform draws in [0, 1) to the degradation's per-image arguments.
@@ -104,6 +105,58 @@ def augmentation_layers(aug: Mapping[str, Any] | DictConfig, seed: int) -> list[
     return layers
 
 
+def keras_layers(aug: Mapping[str, Any] | DictConfig, seed: int) -> list[keras.Layer]:
+    """Keras' perspective, saturation, hue, blur and erasing layers, those configured. Their
+    `factor` (p, p) applies each to an image with probability p exactly (a lone p would draw the
+    probability in [0, p])."""
+    checked, layers = check_augment(aug), []
+    if p := checked["perspective"]:  # corners outside the frame are filled black
+        chance = (p["probability"], p["probability"])
+        layers.append(
+            keras.layers.RandomPerspective(chance, p["scale"], seed=seed + 105, name="perspective")
+        )
+    if s := checked["saturation"]:  # 0.5 keeps the colours, 0 greys, 1 saturates fully
+        layers.append(keras.layers.RandomSaturation((0.5 - s, 0.5 + s), seed=seed + 106))
+    if h := checked["hue"]:
+        layers.append(keras.layers.RandomHue(h, seed=seed + 107))
+    if b := checked["blur"]:  # a 5-px kernel holds sigma 1 (Keras' largest) to 2 sigma
+        chance = (b["probability"], b["probability"])
+        sigma = (0.0, b["max_sigma"])
+        layers.append(keras.layers.RandomGaussianBlur(chance, 5, sigma, seed=seed + 108))
+    if e := checked["erasing"]:  # a patch of clipped Gaussian noise: an occluding hand or object
+        chance, area = (e["probability"], e["probability"]), (MIN_ERASED, e["max_area"])
+        layers.append(keras.layers.RandomErasing(chance, area, seed=seed + 109))
+    return layers
+
+
+Mix = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+
+
+def mixing(aug: Mapping[str, Any] | DictConfig, seed: int) -> Mix | None:
+    """train.augment.mix as a function of a float batch and its one-hot labels: with
+    `probability` per image, keras' MixUp (pixels blended) or CutMix (a patch pasted) with
+    another image of the batch, the labels mixed in the same proportion; None when off."""
+    m = check_augment(aug)["mix"]
+    if m is None:
+        return None
+    if m["kind"] == "mixup":
+        layer = keras.layers.MixUp(alpha=m["alpha"], seed=seed + 110)
+    else:  # CutMix draws its Beta parameter in `factor`: (alpha, alpha) fixes it
+        layer = keras.layers.CutMix((m["alpha"], m["alpha"]), seed=seed + 110)
+    generator = keras.random.SeedGenerator(seed + 111)
+
+    def mix(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        labels = tf.cast(labels, tf.float32)
+        out = layer({"images": images, "labels": labels}, training=True)
+        chosen = keras.random.uniform((tf.shape(images)[0],), seed=generator) < m["probability"]
+        return (
+            tf.where(chosen[:, None, None, None], out["images"], images),
+            tf.where(chosen[:, None], out["labels"], labels),
+        )
+
+    return mix
+
+
 def augmentation(aug: DictConfig, seed: int) -> keras.Sequential:
     """Random, label-preserving transforms as Keras preprocessing layers (train batches only)."""
     steps: list[keras.layers.Layer] = []
@@ -126,5 +179,6 @@ def augmentation(aug: DictConfig, seed: int) -> keras.Sequential:
         steps.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=seed))
     if aug.brightness:
         steps.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=seed))
+    steps += keras_layers(aug, seed)  # perspective, saturation, hue, blur, erasing
     steps += augmentation_layers(aug, seed)  # greyscale, low-res, JPEG, gamma
     return keras.Sequential(steps, name="augment")

@@ -1,7 +1,7 @@
 """What conf/ may say about the capture degradations (soundmood.degradations): each one's
 parameters as schema Specs, evaluate's named conditions (evaluate.conditions) and training's random
-versions (train.augment, whose keys soundmood.schema declares), all checked before any work,
-naming the offending key.
+versions (train.augment, whose keys soundmood.schema declares, its sections' keys here), all
+checked before any work, naming the offending key.
 
 It imports nothing of the package but the schema and errors, and no TensorFlow, so that
 configuration checks can use it without loading a model library.
@@ -23,10 +23,13 @@ from soundmood.schema import Spec, integer, number
 CONDITIONS_KEY = "evaluate.conditions"
 AUGMENT_KEY = "train.augment"
 CLEAN = "clean"
-RESERVED_NAMES = (CLEAN, "worst", "mean")  # would collide with summary metric names
+REDETECTED = "redetected"  # the detection path's condition (evaluate.redetect)
+# would collide with summary metric names, or with the detection path's condition
+RESERVED_NAMES = (CLEAN, "worst", "mean", REDETECTED)
 # nor may a name end so: robust_<name>_confident_accuracy is a trust figure, not an accuracy
 CONFIDENT_SUFFIX = "_confident"
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+MIN_ERASED = 0.02  # the smallest erased share RandomErasing draws (its scale's low end)
 
 
 # The parameters a condition gives each degradation, in the meaning of soundmood.degradations.
@@ -128,31 +131,73 @@ def check_config(cfg: DictConfig) -> list[Condition]:
 
 # --- train.augment: each capture section draws one degradation's parameters per image ---------
 
-AUGMENT_SECTIONS = ("gamma", "downsample", "jpeg")  # declared in soundmood.schema's KEYS
+# The keys of train.augment's sections (schema.AUGMENT_SECTIONS, open mappings there), every one
+# required: the capture degradations, in the order a camera applies them, Keras layers, mixing.
+AUGMENT_SECTION_KEYS: dict[str, dict[str, Spec]] = {
+    "gamma": {
+        "probability": schema.PROBABILITY,
+        "max_gamma": number("gamma drawn in [1/max, max]", 1.0, 10.0),
+        "min_gain": number("darkest gain", **schema.FRACTION),
+    },
+    "downsample": {
+        "probability": schema.PROBABILITY,
+        "min_fraction": number("smallest low side, a fraction of the side", **schema.FRACTION),
+    },
+    "jpeg": {
+        "probability": schema.PROBABILITY,
+        "min_quality": integer("lowest JPEG quality", 1, 100),
+        "max_quality": integer("highest JPEG quality", 1, 100),
+    },
+    "perspective": {
+        "probability": schema.PROBABILITY,
+        "scale": number("largest corner shift, a fraction of the side", **schema.FRACTION),
+    },
+    "blur": {  # Keras draws one sigma a batch, at most 1
+        "probability": schema.PROBABILITY,
+        "max_sigma": number("largest Gaussian sigma, px", **schema.FRACTION),
+    },
+    "erasing": {
+        "probability": schema.PROBABILITY,
+        "max_area": number("largest erased share of the face", MIN_ERASED, 1.0),
+    },
+    "mix": {
+        "kind": schema.choice("how two faces mix", "mixup", "cutmix"),
+        "alpha": number("Beta(alpha, alpha) mixing weight", **schema.FRACTION),
+        "probability": number("chance each image is mixed", 0.0, 1.0),
+    },
+}
 
 
 def augment_rule_problems(aug: Mapping[str, Any] | DictConfig) -> list[str]:
-    """What a per-key table cannot say: a JPEG quality range with its ends in order."""
+    """What a per-key table cannot say: a JPEG quality range with its ends in order, and the
+    keys of each section."""
+    found = []
+    for name, specs in AUGMENT_SECTION_KEYS.items():
+        section = aug.get(name)
+        if isinstance(section, Mapping | DictConfig):
+            found += schema.problems(section, specs, f"{AUGMENT_KEY}.{name}.")
     jpeg = aug.get("jpeg")
     if not isinstance(jpeg, Mapping | DictConfig):
-        return []
+        return found
     low, high = jpeg.get("min_quality"), jpeg.get("max_quality")
     if isinstance(low, int) and isinstance(high, int) and low > high:
-        return [f"{AUGMENT_KEY}.jpeg.min_quality: {low} exceeds max_quality {high}"]
-    return []
+        found.append(f"{AUGMENT_KEY}.jpeg.min_quality: {low} exceeds max_quality {high}")
+    return found
 
 
 def check_augment(aug: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
-    """train.augment checked against the schema; its capture keys as training uses them:
-    `greyscale` a probability (absent: 0), each AUGMENT_SECTIONS section its parameters (None
-    when absent, null or with probability 0)."""
+    """train.augment checked against the schema; its optional keys as training uses them:
+    `greyscale`, `saturation` and `hue` numbers (absent or null: 0), each section its parameters
+    (None when absent, null or with probability 0)."""
     table = schema.subtable(AUGMENT_KEY)
     found = schema.problems(aug, table, f"{AUGMENT_KEY}.") + augment_rule_problems(aug)
     schema.raise_problems(found)
     aug = _plain(aug)
-    checked: dict[str, Any] = {"greyscale": float(aug.get("greyscale") or 0.0)}
-    for name in AUGMENT_SECTIONS:
+    checked: dict[str, Any] = {
+        k: float(aug.get(k) or 0.0) for k in ("greyscale", "saturation", "hue")
+    }
+    for name, specs in AUGMENT_SECTION_KEYS.items():
         section = aug.get(name)
-        values = section and {p: table[f"{name}.{p}"].check(p, v) for p, v in section.items()}
+        values = section and {p: specs[p].check(p, v) for p, v in section.items()}
         checked[name] = values if values and values["probability"] > 0 else None
     return checked

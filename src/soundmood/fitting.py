@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from soundmood.augmentation import augmentation
+from soundmood.augmentation import Mix, augmentation, mixing
 from soundmood.fileio import write_text
 from soundmood.models import backbone_of, build, set_backbone_trainable
 from soundmood.training_checkpoint import TrainingCheckpoint, training_fingerprint
@@ -63,17 +63,30 @@ def make_dataset(
     batch_size: int,
     augment: keras.Sequential | None = None,
     seed: int = 0,
+    mix: Mix | None = None,
+    weights: dict[int, float] | None = None,
 ) -> tf.data.Dataset:
-    """Batches of (uint8 images, one-hot labels); shuffled and augmented when `augment` is given."""
+    """Batches of (uint8 images, one-hot labels); shuffled and augmented when `augment` is given.
+    With `mix` the labels are soft, and `weights` (class weights) come as each image's sample
+    weight, its label's expected class weight: Keras' class_weight would weigh a mixed image by
+    its larger class alone."""
     ds = tf.data.Dataset.from_tensor_slices((x, keras.utils.to_categorical(y, n_classes)))
     if augment is not None:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    if augment is not None:
+    if augment is not None or mix is not None:
+        per_class = None if weights is None else tf.constant([weights[k] for k in range(n_classes)])
 
-        def apply(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            out = augment(tf.cast(images, tf.float32), training=True)
-            return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8), labels
+        def apply(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+            out = tf.cast(images, tf.float32)
+            if augment is not None:
+                out = augment(out, training=True)
+            if mix is not None:
+                out, labels = mix(out, labels)
+            out = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+            if per_class is None:
+                return out, labels
+            return out, labels, tf.linalg.matvec(tf.cast(labels, tf.float32), per_class)
 
         ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -219,15 +232,19 @@ def fit(
                 store.restore_optimizer(model, phase)
         start = time.perf_counter()
         epoch_seed = cfg.seed * 1000 + epoch
-        augment = augmentation(t.augment, epoch_seed)
-        train_ds = make_dataset(*train, n_classes, t.batch_size, augment, epoch_seed)
+        augment, mix = augmentation(t.augment, epoch_seed), mixing(t.augment, epoch_seed)
+        # mixed labels carry their class weights as sample weights (make_dataset)
+        mixed_weights = weights if mix is not None else None
+        train_ds = make_dataset(
+            *train, n_classes, t.batch_size, augment, epoch_seed, mix, mixed_weights
+        )
         best_before = best.best
         model.fit(
             train_ds,
             validation_data=val_ds,
             initial_epoch=epoch,
             epochs=epoch + 1,
-            class_weight=weights,
+            class_weight=None if mix is not None else weights,
             callbacks=[relay],
             shuffle=False,  # shuffled above
             verbose=1 if verbose == 1 else 0,

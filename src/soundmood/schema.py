@@ -172,6 +172,12 @@ PROBABILITY = number("chance each image is degraded", 0.0, 1.0)
 KNOWN_MODELS = ("mobilenet_v2", "seed_cnn")
 MOOD_WEIGHTINGS = ("area", "uniform", "largest")
 SEED = integer("a seed", 0, 2**32 - 1)
+# train.augment's sections, each one's keys declared in soundmood.conditions
+AUGMENT_SECTIONS = {
+    "downsample": "random low resolution", "jpeg": "random JPEG round trip",
+    "gamma": "random exposure", "perspective": "random perspective", "blur": "random blur",
+    "erasing": "random erasing", "mix": "mixup or cutmix",
+}  # fmt: skip
 
 
 # fmt: off
@@ -180,6 +186,7 @@ def _group(prefix: str, specs: dict[str, Spec]) -> dict[str, Spec]:
 
 
 OPEN = {"open_low": True, "open_high": True}
+FACE_SIDE = Spec("range", "[smallest, largest] face side in the picture, px", 16, 1024)
 FACE_TEMPLATE = [[25.83, 33.53], [71.73, 33.27], [48.21, 55.48], [27.82, 75.07], [69.6, 75.08]]
 # Every fixed key but model.* (MODELS), dotted from the config's root.
 KEYS: dict[str, Spec] = {
@@ -233,18 +240,10 @@ KEYS: dict[str, Spec] = {
         "contrast": number("largest contrast change", 0.0, 1.0),
         "brightness": number("largest brightness change", 0.0, 1.0),
         "greyscale": number("chance a training face turns grey", 0.0, 1.0, optional=True),
-        # the capture sections: null (or probability 0) turns one off
-        "downsample": Spec("section", "random low resolution", nullable=True, optional=True),
-        "downsample.probability": PROBABILITY,
-        "downsample.min_fraction": number("smallest low side, a fraction of the side", **FRACTION),
-        "jpeg": Spec("section", "random JPEG round trip", nullable=True, optional=True),
-        "jpeg.probability": PROBABILITY,
-        "jpeg.min_quality": integer("lowest JPEG quality", 1, 100),
-        "jpeg.max_quality": integer("highest JPEG quality", 1, 100),
-        "gamma": Spec("section", "random exposure", nullable=True, optional=True),
-        "gamma.probability": PROBABILITY,
-        "gamma.max_gamma": number("gamma drawn in [1/max, max]", 1.0, 10.0),
-        "gamma.min_gain": number("darkest gain", **FRACTION),
+        "saturation": number("RandomSaturation 0.5 +- this", 0, 0.5, nullable=True, optional=True),
+        "hue": number("largest RandomHue factor", 0, 1, nullable=True, optional=True),
+        # absent, null or probability 0: off
+        **{k: Spec("mapping", m, nullable=True, optional=True) for k, m in AUGMENT_SECTIONS.items()},
     }),
     **_group("tune", {
         "enabled": flag("run the study (false: train keeps the configured values)"),
@@ -270,6 +269,19 @@ KEYS: dict[str, Spec] = {
         "condition_seed": integer("seed of the conditions' random variants", 0),
         "conditions": Spec("mapping", "name -> parameters (soundmood.conditions)", nullable=True),
         "external": Spec("mapping", "set -> {path, detect_faces, label_map}", nullable=True),
+        # the detection path (soundmood.inference.redetect): a context per section, null: off
+        "redetect.faces": integer("faces re-detected per split (0: off)", 0),
+        "redetect.contexts.margin": Spec("section", "mirrored surroundings", nullable=True),
+        "redetect.contexts.margin.face_side": FACE_SIDE,
+        "redetect.contexts.background": Spec("section", "a flat grey picture", nullable=True),
+        "redetect.contexts.background.face_side": FACE_SIDE,
+        "redetect.contexts.background.canvas": number("picture side / face side", 1.0, 8.0),
+        "redetect.contexts.rotation": Spec("section", "a rolled head", nullable=True),
+        "redetect.contexts.rotation.face_side": FACE_SIDE,
+        "redetect.contexts.rotation.degrees": number("largest roll either way", 0.0, 45.0),
+        "redetect.contexts.webcam": Spec("section", "a small webcam face", nullable=True),
+        "redetect.contexts.webcam.face_side": FACE_SIDE,
+        "redetect.contexts.webcam.grey": flag("greyscale picture"),
     }),
     **_group("registry", {
         "model_name": text("registered model name"),
