@@ -243,7 +243,8 @@ KEYS: dict[str, Spec] = {
         "saturation": number("RandomSaturation 0.5 +- this", 0, 0.5, nullable=True, optional=True),
         "hue": number("largest RandomHue factor", 0, 1, nullable=True, optional=True),
         # absent, null or probability 0: off
-        **{k: Spec("mapping", m, nullable=True, optional=True) for k, m in AUGMENT_SECTIONS.items()},
+        **{k: Spec("mapping", m, nullable=True, optional=True)
+           for k, m in AUGMENT_SECTIONS.items()},
     }),
     **_group("tune", {
         "enabled": flag("run the study (false: train keeps the configured values)"),
