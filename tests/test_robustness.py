@@ -271,7 +271,10 @@ def test_evaluation_writes_and_logs_every_condition(
     )
 
     names = list(cfg.evaluate.conditions)
-    assert list(result["conditions"]) == names and result["images"] == len(y)
+    # the detection path's condition comes last; its faces are a sample, so no probabilities
+    every = [*names, conditions.REDETECTED]
+    assert list(result["conditions"]) == every and result["images"] == len(y)
+    assert result["conditions"][conditions.REDETECTED]["faces"] == cfg.evaluate.redetect.faces
     assert list(seen) == ["clean", *names]
     np.testing.assert_allclose(seen["clean"], probs, atol=1e-6)
     clean = probs.argmax(1)
@@ -283,7 +286,8 @@ def test_evaluation_writes_and_logs_every_condition(
         k: v for k, v in result.items() if k != "seconds"
     }  # deterministic end to end
     # calibration and the confident answers, per split, at the threshold
-    for name, scores in [("clean", result["clean"]), *result["conditions"].items()]:
+    for name in seen:
+        scores = result["clean"] if name == "clean" else result["conditions"][name]
         kept = seen[name].max(axis=1) >= threshold
         assert scores["confident_coverage"] == pytest.approx(kept.mean(), abs=1e-4), name
         right = seen[name][kept].argmax(1) == y[kept]
@@ -314,18 +318,18 @@ def test_evaluation_writes_and_logs_every_condition(
     reports = tmp_path / "reports"
     paths = robustness.write_reports(result, reports)
     written = json.loads((reports / "robustness.json").read_text())
-    assert list(written["conditions"]) == names and "seconds" not in written
+    assert list(written["conditions"]) == every and "seconds" not in written
     rows = (reports / "plots" / "robustness.csv").read_text().splitlines()
     assert rows[0] == "condition,accuracy"
-    assert [r.split(",")[0] for r in rows[1:]] == ["clean", *names]
+    assert [r.split(",")[0] for r in rows[1:]] == ["clean", *every]
 
     mlflow.set_experiment("robustness-test")
     with mlflow.start_run() as run:
         robustness.log_to_mlflow(result, paths)
     logged = mlflow.get_run(run.info.run_id).data.metrics
-    for name in names:
-        for stat in (*robustness.STATS, *robustness.TRUST_STATS):
-            if result["conditions"][name][stat] is None:  # no face reached the threshold
+    for name in every:
+        for stat in (*robustness.STATS, *robustness.TRUST_STATS, *robustness.DETECTION_STATS):
+            if result["conditions"][name].get(stat) is None:  # no face reached the threshold
                 assert f"robust_{name}_{stat}" not in logged
                 continue
             assert logged[f"robust_{name}_{stat}"] == pytest.approx(

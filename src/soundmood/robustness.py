@@ -3,6 +3,9 @@ soundmood.conditions) are deterministic, seeded degradations (soundmood.degradat
 prepared split, predicted as evaluate predicts (forward.tta_probabilities) and scored for
 accuracy, calibration (ECE) and the confident answers' coverage and accuracy. The same condition
 gives the same images on every run, so validation and test variants are comparable across models.
+The `redetected` condition (evaluate.redetect) is the detection path: faces re-embedded in
+pictures and found again by the face detector (soundmood.inference.redetect), a face not found
+scored wrong.
 Results go to reports/robustness.json, reports/plots/robustness.csv (dvc.yaml draws it) and
 MLflow; the registry's promotion floor reads them back (condition_accuracies).
 
@@ -25,9 +28,18 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 from soundmood import fileio
 from soundmood.calibration import expected_calibration_error, selective_curve
-from soundmood.conditions import CLEAN, CONFIDENT_SUFFIX, RESERVED_NAMES, Condition, check_config
+from soundmood.conditions import (
+    CLEAN,
+    CONFIDENT_SUFFIX,
+    REDETECTED,
+    RESERVED_NAMES,
+    Condition,
+    check_config,
+)
 from soundmood.degradations import degrade
 from soundmood.forward import tta_probabilities
+from soundmood.inference.redetect import redetect, sample
+from soundmood.inference.settings import from_config
 
 if TYPE_CHECKING:
     import keras
@@ -46,14 +58,15 @@ def condition_images(condition: Condition, images: np.ndarray, seed: int) -> np.
 def condition_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Accuracy, macro-F1 and the lowest per-class recall (with its class), to 4 decimals as
     evaluate.score gives them."""
-    labels = list(range(len(classes)))
+    labels = list(range(len(classes)))  # a prediction of -1 (no face found) is wrong for any
     recalls = np.round(
         recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0), 4
     )
     weakest = int(np.argmin(recalls))  # the first of equals
+    macro_f1 = f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
     return {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
-        "macro_f1": round(float(f1_score(y_true, y_pred, average="macro", zero_division=0)), 4),
+        "macro_f1": round(float(macro_f1), 4),
         "min_recall": float(recalls[weakest]),
         "min_recall_class": classes[weakest],
     }
@@ -101,7 +114,8 @@ def evaluate_conditions(
     then have no ece nor confident_*). `min_confidence`: the top-probability threshold of
     confident_coverage / confident_accuracy (None: no threshold, those keys are left out).
     `on_predicted(name, probabilities)` sees every split's probabilities (clean when known, then
-    each condition), e.g. for a plot, without this result holding them.
+    each condition but `redetected`, whose faces are a sample), e.g. for a plot, without this
+    result holding them.
     Returns {images, seconds, clean: scores, conditions: {name: scores}, worst_condition,
     worst_accuracy, mean_drop}; mean_drop is the mean of clean minus condition accuracy.
     """
@@ -124,10 +138,62 @@ def evaluate_conditions(
     else:
         clean = scored(CLEAN, predicted(x) if clean_probs is None else clean_probs)
     scores = {c.name: scored(c.name, predicted(condition_images(c, x, seed))) for c in conditions}
+    redetected = redetected_scores(predicted, x, y, cfg, min_confidence)
+    if redetected is not None:
+        scores[REDETECTED] = redetected
     result: dict[str, Any] = {"images": len(y), "clean": clean, "conditions": scores}
     result.update(summarise(clean, scores))
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def redetected_scores(
+    predicted: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: DictConfig,
+    min_confidence: float | None,
+) -> dict[str, Any] | None:
+    """The `redetected` condition: evaluate.redetect.faces sampled faces of the split through
+    every configured context (soundmood.inference.redetect), detected and aligned with
+    cfg.inference, then `predicted`. accuracy, macro_f1 and min_recall count a face not found
+    again as wrong; `detected` is the share found, accuracy_on_detected and the trust scores are
+    over the found ones; `contexts` gives each context's detected and accuracy. None when off."""
+    spec = cfg.evaluate.get("redetect")
+    if not spec or not spec.get("faces"):
+        return None
+    settings, seed = from_config(cfg.get("inference")), int(cfg.evaluate.get("condition_seed", 0))
+    classes, picked = list(cfg.data.classes), sample(len(x), int(spec.faces), seed)
+    faces, truth = x[picked], y[picked]
+    y_all, pred_all, found_probs, found_y, per_context = [], [], [], [], {}
+    for name, params in spec.contexts.items():
+        if params is None:
+            continue
+        again = redetect(faces, str(name), params, settings, seed)
+        probs = predicted(again.crops) if len(again.crops) else np.zeros((0, len(classes)))
+        pred = np.full(len(faces), -1)
+        pred[again.found] = probs.argmax(axis=1)
+        per_context[str(name)] = {
+            "detected": round(float(again.found.mean()), 4),
+            "accuracy": round(float(accuracy_score(truth, pred)), 4),
+        }
+        y_all.append(truth)
+        pred_all.append(pred)
+        found_probs.append(probs)
+        found_y.append(truth[again.found])
+    if not per_context:
+        return None
+    y_true, y_pred = np.concatenate(y_all), np.concatenate(pred_all)
+    probs, y_found = np.concatenate(found_probs), np.concatenate(found_y)
+    found = y_pred >= 0
+    scores = condition_scores(y_true, y_pred, classes)
+    if len(y_found):
+        scores.update(trust_scores(probs, y_found, min_confidence))
+    scores["detected"] = round(float(found.mean()), 4)
+    scores["accuracy_on_detected"] = (
+        round(float(accuracy_score(y_found, probs.argmax(axis=1))), 4) if len(y_found) else None
+    )
+    return {**scores, "faces": len(picked), "contexts": per_context}
 
 
 def summarise(clean: Mapping[str, Any], scores: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -144,17 +210,19 @@ def summarise(clean: Mapping[str, Any], scores: Mapping[str, Mapping[str, Any]])
 
 STATS = ("accuracy", "macro_f1", "min_recall")
 TRUST_STATS = ("ece", "confident_coverage", "confident_accuracy")  # absent from older reports
+DETECTION_STATS = ("detected", "accuracy_on_detected")  # the redetected condition's alone
 
 
 def mlflow_metrics(result: Mapping[str, Any], prefix: str = "robust_") -> dict[str, float]:
     """robust_<condition>_{accuracy,macro_f1,min_recall} and, where scored,
-    robust_<condition>_{ece,confident_coverage,confident_accuracy}; robust_worst_accuracy,
+    robust_<condition>_{ece,confident_coverage,confident_accuracy} (and the redetected
+    condition's robust_redetected_{detected,accuracy_on_detected}); robust_worst_accuracy,
     robust_mean_drop (use prefix="val_robust_" for the validation variants)."""
     metrics = {}
     for name, scores in result["conditions"].items():
         for stat in STATS:
             metrics[f"{prefix}{name}_{stat}"] = float(scores[stat])
-        for stat in TRUST_STATS:
+        for stat in TRUST_STATS + DETECTION_STATS:
             if scores.get(stat) is not None:
                 metrics[f"{prefix}{name}_{stat}"] = float(scores[stat])
     metrics[f"{prefix}worst_accuracy"] = float(result["worst_accuracy"])

@@ -1,9 +1,9 @@
 """How well do re-detected faces reproduce RAF-DB's aligned crops? (docs/inference.md)
 
-Each sampled test crop is upscaled, placed in a larger canvas (flat grey, or mirrored and
-rotated), re-detected with detect_faces, cropped with every candidate method and margin, and
-classified; accuracy is compared with the same model on the original crops. Also times
-detection + classification per photo.
+Each sampled test crop is placed in a larger picture by each of evaluate.redetect's contexts
+(soundmood.inference.redetect), re-detected with detect_faces, cropped with every candidate
+method and margin, and classified; accuracy is compared with the same model on the original
+crops. Also times detection + classification per photo.
 
     python -m soundmood.inference.measure --model models/model.keras [--n 1000] [--out FILE]
 """
@@ -14,60 +14,25 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
-from PIL import Image
 
 from soundmood.config import load
 from soundmood.data.images import load_face, open_image, to_rgb
 from soundmood.data.layout import list_split
-from soundmood.inference.detect import Face, detect_faces
+from soundmood.inference.detect import detect_faces
 from soundmood.inference.predict import classify, input_size, load_model, predict_photo
+from soundmood.inference.redetect import CONTEXTS, matching_face
 from soundmood.inference.settings import Settings, from_config
 
 CANDIDATES = [("box", m) for m in (-0.1, -0.05, 0.0, 0.05, 0.1, 0.2)] + [
     ("align", m) for m in (-0.05, 0.0, 0.05, 0.1)
 ]
-GREY = (128, 128, 128)
-
-
-def upright_on_grey(face: Image.Image, rng: random.Random) -> tuple[Image.Image, tuple]:
-    """The crop at 2x on a flat grey canvas twice its size, at a random place."""
-    big = face.resize((200, 200), Image.Resampling.BILINEAR)
-    canvas = Image.new("RGB", (400, 400), GREY)
-    x, y = rng.randint(0, 200), rng.randint(0, 200)
-    canvas.paste(big, (x, y))
-    return canvas, (x + 100, y + 100, 200)
-
-
-def rotated_in_mirror(face: Image.Image, rng: random.Random) -> tuple[Image.Image, tuple]:
-    """The crop at 1.5-3x, mirrored outwards (context instead of a flat border), rotated by up
-    to 15 degrees about its centre: a face that is neither upright nor tightly framed."""
-    side = rng.randint(150, 300)
-    big = np.asarray(face.resize((side, side), Image.Resampling.BILINEAR))
-    padded = Image.fromarray(
-        np.pad(big, ((side // 2, side // 2), (side // 2, side // 2), (0, 0)), mode="reflect")
-    )
-    rotated = padded.rotate(rng.uniform(-15, 15), Image.Resampling.BILINEAR)
-    return rotated, (rotated.width / 2, rotated.height / 2, side)
-
-
-CONDITIONS = {"upright_grey": upright_on_grey, "rotated_mirror": rotated_in_mirror}
-
-
-def matching_face(faces: list[Face], truth: tuple) -> Face | None:
-    """The detection centred on the pasted face (mirrored copies are not it), if any."""
-    cx, cy, side = truth
-    near = [
-        f
-        for f in faces
-        if abs(f.box[0] + f.box[2] / 2 - cx) < side / 4
-        and abs(f.box[1] + f.box[3] / 2 - cy) < side / 4
-    ]
-    return max(near, key=lambda f: f.confidence) if near else None
 
 
 def measure(
@@ -78,6 +43,7 @@ def measure(
     settings: Settings,
     root: Path,
     classes: list[str],
+    contexts: Mapping[str, Mapping[str, Any] | None],
 ) -> dict:
     model = load_model(model_path)
     size = input_size(model)
@@ -93,15 +59,17 @@ def measure(
         "original_accuracy": _acc(original, y),
         "conditions": {},
     }
-    for name, make in CONDITIONS.items():
-        rng = random.Random(seed)
+    for name, params in contexts.items():
+        if params is None:
+            continue  # a context turned off in conf
+        rng, make = random.Random(seed), CONTEXTS[name]
         crops = {c: [] for c in CANDIDATES}
         pixel_mae = {c: [] for c in CANDIDATES}
         found, confidences = [], []
         for s in samples:
             original_crop = to_rgb(open_image(s.path))
             reference = np.asarray(original_crop, dtype=np.float32)
-            photo, truth = make(original_crop, rng)
+            photo, truth = make(original_crop, rng, **params)
             face = matching_face(detect_faces(photo, _permissive(settings)), truth)
             found.append(face is not None)
             confidences.append(face.confidence if face else 0.0)
@@ -182,6 +150,7 @@ def main() -> None:
             from_config(cfg.get("inference")),
             Path(cfg.data.root),
             list(cfg.data.classes),
+            OmegaConf.to_container(cfg.evaluate.redetect.contexts),
         )
         report["seconds"] = round(time.perf_counter() - start, 1)
     if args.out:
