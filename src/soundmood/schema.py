@@ -186,7 +186,16 @@ def _group(prefix: str, specs: dict[str, Spec]) -> dict[str, Spec]:
 
 
 OPEN = {"open_low": True, "open_high": True}
-FACE_SIDE = Spec("range", "[smallest, largest] face side in the picture, px", 16, 1024)
+
+
+def _context(name: str, meaning: str, **params: Spec) -> dict[str, Spec]:
+    """evaluate.redetect.contexts.<name> (soundmood.inference.redetect): null turns it off."""
+    side = Spec("range", "[smallest, largest] face side in the picture, px", 16, 1024)
+    keys = {"": Spec("section", meaning, nullable=True), ".face_side": side}
+    keys |= {f".{k}": v for k, v in params.items()}
+    return {f"redetect.contexts.{name}{k}": v for k, v in keys.items()}
+
+
 FACE_TEMPLATE = [[25.83, 33.53], [71.73, 33.27], [48.21, 55.48], [27.82, 75.07], [69.6, 75.08]]
 # Every fixed key but model.* (MODELS), dotted from the config's root.
 KEYS: dict[str, Spec] = {
@@ -270,19 +279,11 @@ KEYS: dict[str, Spec] = {
         "condition_seed": integer("seed of the conditions' random variants", 0),
         "conditions": Spec("mapping", "name -> parameters (soundmood.conditions)", nullable=True),
         "external": Spec("mapping", "set -> {path, detect_faces, label_map}", nullable=True),
-        # the detection path (soundmood.inference.redetect): a context per section, null: off
         "redetect.faces": integer("faces re-detected per split (0: off)", 0),
-        "redetect.contexts.margin": Spec("section", "mirrored surroundings", nullable=True),
-        "redetect.contexts.margin.face_side": FACE_SIDE,
-        "redetect.contexts.background": Spec("section", "a flat grey picture", nullable=True),
-        "redetect.contexts.background.face_side": FACE_SIDE,
-        "redetect.contexts.background.canvas": number("picture side / face side", 1.0, 8.0),
-        "redetect.contexts.rotation": Spec("section", "a rolled head", nullable=True),
-        "redetect.contexts.rotation.face_side": FACE_SIDE,
-        "redetect.contexts.rotation.degrees": number("largest roll either way", 0.0, 45.0),
-        "redetect.contexts.webcam": Spec("section", "a small webcam face", nullable=True),
-        "redetect.contexts.webcam.face_side": FACE_SIDE,
-        "redetect.contexts.webcam.grey": flag("greyscale picture"),
+        **_context("margin", "mirrored surroundings"),
+        **_context("background", "flat grey", canvas=number("picture / face side", 1.0, 8.0)),
+        **_context("rotation", "a rolled head", degrees=number("largest roll", 0.0, 45.0)),
+        **_context("webcam", "a small webcam face", grey=flag("greyscale picture")),
     }),
     **_group("registry", {
         "model_name": text("registered model name"),
