@@ -137,3 +137,16 @@ def test_bad_lever_value_fails_the_config_check() -> None:
     cfg = compose_config(["train.augment.erasing={probability: 2, max_area: 0.2}"])
     with pytest.raises(ConfigError, match=r"train\.augment\.erasing\.probability"):
         config.validate(cfg)
+
+
+@pytest.mark.slow
+def test_fit_trains_an_epoch_with_mixing_on(prepared_smoke, tmp_path) -> None:
+    """The train stage's own fit loop: mixed labels with sample weights in place of class_weight."""
+    levers = {"mix": {"kind": "cutmix", "alpha": 1.0, "probability": 0.5}}
+    cfg = OmegaConf.merge(prepared_smoke, {"train": {"augment": levers}})
+    cfg.model = compose_config(["model=seed_cnn"]).model  # small: the levers are what is tested
+    vx, vy = load_split(cfg.data.prepared_dir, "val")
+    result = fitting.fit(
+        cfg, _smoke_batch(cfg, 64), (vx[:32], vy[:32]), tmp_path / "work", epochs=1, verbose=0
+    )
+    assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
