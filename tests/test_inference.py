@@ -188,6 +188,19 @@ def test_large_photo_is_downscaled_for_detection_only() -> None:
     assert np.abs(faces[0].crop().astype(np.float32) - small_crop).mean() < 12
 
 
+def test_a_larger_min_face_size_still_finds_the_face_and_drops_smaller_ones() -> None:
+    # mtcnn 1.0 itself finds nothing for min_face_size > 20 (its pyramid runs below P-Net's
+    # window); detect_faces downscales the photo instead, so the key means what it says.
+    photo = astronaut()
+    for size in (40, 80):
+        faces = detect_faces(photo, from_config({"detector": {"min_face_size": size}}))
+        assert len(faces) == 1 and iou(faces[0].box, ASTRONAUT_FACE) > 0.8, size
+        assert np.allclose(faces[0].landmarks, detect_faces(photo)[0].landmarks, atol=4), size
+    small = photo.resize((128, 128), Image.Resampling.BILINEAR)  # the face is ~30 px wide
+    assert len(detect_faces(small)) == 1
+    assert detect_faces(small, from_config({"detector": {"min_face_size": 60}})) == []
+
+
 def test_exif_rotated_jpeg_gives_boxes_in_the_upright_frame(tmp_path: Path) -> None:
     stored = astronaut().transpose(Image.Transpose.ROTATE_90)  # pixels lie on their side
     exif = Image.Exif()

@@ -31,6 +31,10 @@ from soundmood.inference.settings import CropSettings, Settings, from_config
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 # MTCNN's P-Net window: a photo smaller than this on either side cannot hold a face.
 MIN_DETECTABLE_SIDE = 12
+# The largest min_face_size mtcnn 1.0 is called with: its pyramid has as many levels as for
+# this size whatever the size asked, so above it the last levels fall under P-Net's window and
+# TensorFlow's error reads as "no face". A larger detector.min_face_size downscales the photo.
+MTCNN_FACE_SIZE = 20
 # What MTCNN imports or runs with besides numpy and Pillow (import name -> distribution): it
 # imports tensorflow and joblib, and joblib reads its .lz4 weights with lz4.
 DETECTOR_MODULES = {
@@ -114,7 +118,9 @@ def _run_detector(photo: Image.Image, config: Settings) -> list[Face]:
     if min(photo.size) < MIN_DETECTABLE_SIDE:
         return []
     det = config.detector
-    scale = min(1.0, det.max_side / max(photo.size))
+    # faces of min_face_size px on the max_side copy are MTCNN_FACE_SIZE px on this one
+    shrink = MTCNN_FACE_SIZE / max(det.min_face_size, MTCNN_FACE_SIZE)
+    scale = min(1.0, det.max_side / max(photo.size)) * shrink
     small = (
         photo
         if scale == 1.0
@@ -129,7 +135,7 @@ def _run_detector(photo: Image.Image, config: Settings) -> list[Face]:
     with _DETECTOR_LOCK:
         raw = _mtcnn().detect_faces(
             np.asarray(small),
-            min_face_size=det.min_face_size,
+            min_face_size=min(det.min_face_size, MTCNN_FACE_SIZE),
             threshold_pnet=det.thresholds[0],
             threshold_rnet=det.thresholds[1],
             threshold_onet=det.thresholds[2],
