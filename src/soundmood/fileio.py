@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -157,6 +158,12 @@ def remove_stale_partials(folder: str | Path, target: str | None = None) -> None
             continue
         if pid.isdigit() and not is_alive(int(pid)):
             _remove(path)
+
+
+def file_md5(path: Path) -> str:
+    """md5 of a file, read in chunks (a prepared array can be most of a gigabyte)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def file_kind(mode: int) -> str:

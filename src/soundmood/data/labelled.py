@@ -21,9 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from soundmood import schema
 from soundmood.config import digest
-from soundmood.data.prepare import file_md5
 from soundmood.errors import ConfigError
-from soundmood.fileio import file_kind
+from soundmood.fileio import file_kind, file_md5
 from soundmood.schema import Spec
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")  # it becomes part of metric names

@@ -3,6 +3,9 @@
 Output (prepared/): <split>_x.npy (N x S x S x 3 uint8), <split>_y.npy (N int64) for train, val and
 test, and index.json (the source file and its md5 for every row, classes, sizes, data version, and
 the shape, dtype and md5 of every array). The same seed and config give byte-identical files.
+The extra training sources of data.extra_train (class-labelled folders, read by
+soundmood.data.labelled) are appended to train after the validation split is carved, never to val
+or test; index.json counts each source's images.
 
 All or nothing: the new folder is built beside prepared/ and swapped in by renames
 (fileio.atomic_folder), so a failure (exit 2), Ctrl-C or kill leaves the previous prepared/ as it
@@ -12,7 +15,6 @@ was, and the next run clears what a killed one left. Every stage reads the array
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,11 +24,13 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from soundmood.data.images import load_face
+from soundmood.data.labelled import list_images, parse_sets
 from soundmood.data.layout import Sample, data_version, list_split
-from soundmood.errors import UserError
-from soundmood.fileio import atomic_folder
+from soundmood.errors import ConfigError, UserError
+from soundmood.fileio import atomic_folder, file_md5
 
 SPLIT_NAMES = ("train", "val", "test")
+EXTRA_KEY = "data.extra_train"
 INDEX_FILE = "index.json"
 RERUN = "rerun `soundmood prepare` (or `dvc repro prepare`)"
 
@@ -48,10 +52,33 @@ def limit_per_class(samples: list[Sample], limit: int | None) -> list[Sample]:
     return out
 
 
-def file_md5(path: Path) -> str:
-    """md5 of a file, read in chunks (a prepared array can be most of a gigabyte)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "md5").hexdigest()
+def extra_train(data: DictConfig) -> tuple[list[Sample], list[str], dict[str, dict]]:
+    """data.extra_train's images as train samples (each source's data.limit_per_class first),
+    their names in index.json (`<source>:<path in its folder>`) and each source's summary. A
+    missing folder, an unknown class folder or an entry that is not a regular file is an error
+    naming it: a training source must not vanish, in whole or in part, unnoticed."""
+    classes = list(data.classes)
+    samples: list[Sample] = []
+    names: list[str] = []
+    summary: dict[str, dict] = {}
+    for folder in parse_sets(data.get("extra_train"), EXTRA_KEY, classes):
+        if folder.detect_faces:
+            raise ConfigError(f"{folder.key}.detect_faces: training sources are face crops")
+        images = list_images(folder, classes)  # a missing folder: a ConfigError naming it
+        if images.refused:
+            path, why = images.refused[0]
+            raise ConfigError(f"{folder.key}: {path} {why} ({len(images.refused)} refused)")
+        listed = [Sample(p, "train", y) for p, y in zip(images.paths, images.labels, strict=True)]
+        kept = limit_per_class(listed, data.limit_per_class)
+        samples += kept
+        names += [f"{folder.name}:{s.path.relative_to(folder.path)}" for s in kept]
+        summary[folder.name] = {
+            "path": str(folder.path),
+            "images": len(kept),
+            "counts": {c: sum(s.label == k for s in kept) for k, c in enumerate(classes)},
+            "digest": images.digest,
+        }
+    return samples, names, summary
 
 
 def split_train_val(
@@ -133,24 +160,30 @@ def run(cfg: DictConfig) -> dict:
     root, classes, out_dir = Path(data.root), list(data.classes), Path(data.prepared_dir)
     train_all = limit_per_class(list_split(root, "train", classes), data.limit_per_class)
     test = limit_per_class(list_split(root, "test", classes), data.limit_per_class)
+    extra, extra_names, sources = extra_train(data)  # checked before any decoding
     train_hashes = [file_md5(s.path) for s in train_all]
     train_idx, val_idx = split_train_val(train_all, train_hashes, data.val_fraction, cfg.seed)
     splits = {
-        "train": [train_all[i] for i in train_idx],
+        "train": [train_all[i] for i in train_idx] + extra,
         "val": [train_all[i] for i in val_idx],
         "test": test,
     }
     hashes = {
-        "train": [train_hashes[i] for i in train_idx],
+        "train": [train_hashes[i] for i in train_idx] + [file_md5(s.path) for s in extra],
         "val": [train_hashes[i] for i in val_idx],
         "test": [file_md5(s.path) for s in test],
     }
+    names = {n: [str(s.path.relative_to(root)) for s in splits[n]] for n in ("val", "test")}
+    names["train"] = [str(train_all[i].path.relative_to(root)) for i in train_idx] + extra_names
     index = {
         "classes": classes,
         "image_size": data.image_size,
         "data_version": data_version(),
         "seed": cfg.seed,
         "counts": {},
+        # images per train source: RAF-DB's, then each data.extra_train folder's
+        "train_sources": {"rafdb": len(train_idx)} | {k: v["images"] for k, v in sources.items()},
+        "extra_train": sources,
         "files": {},
         "arrays": {},
     }
@@ -169,10 +202,7 @@ def run(cfg: DictConfig) -> dict:
                     "md5": file_md5(path),
                 }
             index["counts"][name] = {c: int((y == k).sum()) for k, c in enumerate(classes)}
-            index["files"][name] = [
-                [str(s.path.relative_to(root)), h]
-                for s, h in zip(splits[name], hashes[name], strict=True)
-            ]
+            index["files"][name] = [[n, h] for n, h in zip(names[name], hashes[name], strict=True)]
         (building / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
     sizes = ", ".join(f"{n} {len(splits[n])}" for n in SPLIT_NAMES)
     print(f"prepare: {sizes} images at {data.image_size}px -> {out_dir}/")
