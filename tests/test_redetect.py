@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from soundmood import robustness
-from soundmood.conditions import REDETECTED
+from soundmood.conditions import REDETECT_CONTEXTS, REDETECTED
 from soundmood.config import validate
 from soundmood.data.images import load_face
 from soundmood.data.layout import list_split
@@ -139,6 +139,10 @@ def test_off_when_no_faces_or_no_context(faces) -> None:
             "evaluate.redetect.contexts.margin.face_side",
         ),
         ("+evaluate.redetect.contexts.margin.zoom=2", "evaluate.redetect.contexts.margin.zoom"),
+        (
+            "+evaluate.redetect.contexts.fisheye={face_side: [80, 100]}",
+            "evaluate.redetect.contexts.fisheye",
+        ),
     ],
 )
 def test_a_bad_redetect_value_is_named(override: str, key: str) -> None:
@@ -153,5 +157,6 @@ def test_a_condition_may_not_take_the_detection_path_s_name() -> None:
         validate(cfg)
 
 
-def test_every_context_is_configured() -> None:
+def test_every_context_is_configured_and_declared() -> None:
     assert set(compose_config().evaluate.redetect.contexts) == set(CONTEXTS)
+    assert set(REDETECT_CONTEXTS) == set(CONTEXTS)

@@ -123,10 +123,42 @@ def _condition(name: str, params: Any) -> Condition:
 
 
 def check_config(cfg: DictConfig) -> list[Condition]:
-    """The configured conditions, validated; call first, before loading a model or data."""
+    """The configured conditions (and the detection path's contexts), validated; call first,
+    before loading a model or data."""
     seed_key = "evaluate.condition_seed"
     schema.KEYS[seed_key].check(seed_key, cfg.evaluate.get("condition_seed", 0))
+    schema.raise_problems(redetect_problems(OmegaConf.select(cfg, REDETECT_KEY)))
     return parse_conditions(cfg.evaluate.get("conditions"))
+
+
+# --- evaluate.redetect.contexts: the detection path's pictures (soundmood.inference.redetect) ---
+
+REDETECT_KEY = "evaluate.redetect.contexts"
+FACE_SIDE = Spec("range", "[smallest, largest] face side in the picture, px", 16, 1024)
+REDETECT_CONTEXTS: dict[str, dict[str, Spec]] = {
+    "margin": {"face_side": FACE_SIDE},
+    "background": {"face_side": FACE_SIDE, "canvas": number("picture / face side", 1.0, 8.0)},
+    "rotation": {"face_side": FACE_SIDE, "degrees": number("largest roll either way", 0.0, 45.0)},
+    "webcam": {"face_side": FACE_SIDE, "grey": schema.flag("greyscale picture")},
+}
+
+
+def redetect_problems(contexts: Any) -> list[str]:
+    """Every problem of evaluate.redetect.contexts: an unknown context, a missing, unknown or bad
+    parameter. A context set to null is off."""
+    if not isinstance(contexts, Mapping | DictConfig):
+        return []
+    found = []
+    for name, params in _plain(contexts).items():
+        where = f"{REDETECT_KEY}.{name}"
+        if name not in REDETECT_CONTEXTS:
+            found.append(f"{where}: unknown context; known: {', '.join(REDETECT_CONTEXTS)}")
+        elif params is not None and not isinstance(params, Mapping):
+            found.append(f"{where}: {params!r} is not a mapping of parameters")
+        elif params is not None:
+            specs = REDETECT_CONTEXTS[name]
+            found += schema.problems(params, specs, f"{where}.", noun="parameter")
+    return found
 
 
 # --- train.augment: each capture section draws one degradation's parameters per image ---------

@@ -183,13 +183,13 @@ def load(overrides: Sequence[str] = (), root: Path | None = None) -> DictConfig:
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
-    """Dotted keys to leaf values (lists kept whole), as MLflow params and `dvc exp show` show
-    them."""
+    """Dotted keys to leaf values (lists and empty mappings kept whole), as MLflow params and
+    `dvc exp show` show them."""
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     flat: dict[str, object] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{dotted}."))
         else:
             flat[dotted] = value
@@ -267,6 +267,7 @@ def _cross_key_problems(cfg: DictConfig) -> list[str]:
         elif OmegaConf.is_list(classes) and name not in list(classes):
             found.append(f"data.rafdb_labels.{label}: {name!r} is not one of data.classes")
     found += conditions.condition_problems(OmegaConf.select(cfg, conditions.CONDITIONS_KEY))
+    found += conditions.redetect_problems(OmegaConf.select(cfg, conditions.REDETECT_KEY))
     augment = OmegaConf.select(cfg, conditions.AUGMENT_KEY)
     if OmegaConf.is_dict(augment):
         found += conditions.augment_rule_problems(augment)

@@ -188,14 +188,6 @@ def _group(prefix: str, specs: dict[str, Spec]) -> dict[str, Spec]:
 OPEN = {"open_low": True, "open_high": True}
 
 
-def _context(name: str, meaning: str, **params: Spec) -> dict[str, Spec]:
-    """evaluate.redetect.contexts.<name> (soundmood.inference.redetect): null turns it off."""
-    side = Spec("range", "[smallest, largest] face side in the picture, px", 16, 1024)
-    keys = {"": Spec("section", meaning, nullable=True), ".face_side": side}
-    keys |= {f".{k}": v for k, v in params.items()}
-    return {f"redetect.contexts.{name}{k}": v for k, v in keys.items()}
-
-
 FACE_TEMPLATE = [[25.83, 33.53], [71.73, 33.27], [48.21, 55.48], [27.82, 75.07], [69.6, 75.08]]
 # Every fixed key but model.* (MODELS), dotted from the config's root.
 KEYS: dict[str, Spec] = {
@@ -213,6 +205,7 @@ KEYS: dict[str, Spec] = {
         "convert_min_side": integer("narrowest image convert accepts", 1, 4096),
         "near_duplicate_bits": integer("hash bits a near-duplicate may differ in", 0, 256),
         "rafdb_labels": Spec("mapping", "RAF-DB basic label ('1' to '7') -> class"),
+        "extra_train": Spec("mapping", "name -> {path, label_map}, train only", nullable=True),
         "limits.max_image_pixels": integer("pixels an image header may declare", 1),
         "limits.max_file_bytes": integer("bytes of one imported file", 1),
         "limits.max_archive_bytes": integer("bytes of an imported archive", 1),
@@ -280,10 +273,7 @@ KEYS: dict[str, Spec] = {
         "conditions": Spec("mapping", "name -> parameters (soundmood.conditions)", nullable=True),
         "external": Spec("mapping", "set -> {path, detect_faces, label_map}", nullable=True),
         "redetect.faces": integer("faces re-detected per split (0: off)", 0),
-        **_context("margin", "mirrored surroundings"),
-        **_context("background", "flat grey", canvas=number("picture / face side", 1.0, 8.0)),
-        **_context("rotation", "a rolled head", degrees=number("largest roll", 0.0, 45.0)),
-        **_context("webcam", "a small webcam face", grey=flag("greyscale picture")),
+        "redetect.contexts": Spec("mapping", "context -> parameters (soundmood.conditions)"),
     }),
     **_group("registry", {
         "model_name": text("registered model name"),
