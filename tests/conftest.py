@@ -71,14 +71,19 @@ def smoke_cfg(tmp_path: Path, data_root: Path) -> DictConfig:
 @pytest.fixture(scope="session")
 def prepared_smoke(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> DictConfig:
     """The smoke profile's prepared splits, built once per session by the real prepare stage."""
-    from soundmood.data import prepare
-
     workdir = tmp_path_factory.mktemp("prepared-smoke")
     cfg = smoke_config(workdir, data_root)
+    run_prepare(cfg)
+    return cfg
+
+
+def run_prepare(cfg: DictConfig) -> dict:
+    """The real prepare stage run from the project root; its index.json."""
+    from soundmood.data import prepare
+
     cwd = os.getcwd()
     os.chdir(ROOT)  # data_version() reads data.dvc at the project root
     try:
-        prepare.run(cfg)
+        return prepare.run(cfg)
     finally:
         os.chdir(cwd)
-    return cfg

@@ -5,7 +5,6 @@ error naming it."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from PIL import Image
 
 from soundmood.data import prepare
 from soundmood.errors import ConfigError
-from tests.conftest import ROOT, smoke_config
+from tests.conftest import run_prepare, smoke_config
 
 
 def _photos(data_root: Path, folder: Path) -> int:
@@ -29,12 +28,7 @@ def _photos(data_root: Path, folder: Path) -> int:
 
 
 def _run(cfg) -> dict:
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # data_version() reads data.dvc at the project root
-    try:
-        prepare.run(cfg)
-    finally:
-        os.chdir(cwd)
+    run_prepare(cfg)
     return json.loads((Path(cfg.data.prepared_dir) / prepare.INDEX_FILE).read_text())
 
 
