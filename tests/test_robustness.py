@@ -379,7 +379,8 @@ def test_train_writes_its_validation_report_with_the_conditions_off(
     prepared_smoke, mlflow_uri: str, tmp_path: Path
 ) -> None:
     """dvc.yaml declares reports/robustness_val.json as train's output, so `-S
-    evaluate.conditions=null` must still write it (the clean validation scores)."""
+    evaluate.conditions=null -S evaluate.redetect.faces=0` must still write it (the clean
+    validation scores)."""
     import mlflow
 
     from soundmood.models import build
@@ -387,6 +388,7 @@ def test_train_writes_its_validation_report_with_the_conditions_off(
 
     cfg = prepared_smoke.copy()
     cfg.evaluate.conditions = None
+    cfg.evaluate.redetect.faces = 0
     model = build(
         compose_config(["model=seed_cnn"]).model, cfg.data.image_size, len(cfg.data.classes)
     )
