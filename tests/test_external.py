@@ -260,6 +260,7 @@ def test_mlflow_gets_each_set_as_a_dataset_input_with_its_metrics(
     folder = _folder(root, label_map={"anger": "angry"})
     result = external.score_sets(_by_shade, [folder], CLASSES, 16, 4, False)
     path = external.write_report(result, tmp_path / "reports")
+    mlflow.set_experiment("external-sets")  # this test's store, not an id an earlier test left
     with mlflow.start_run() as run:
         external.log_to_mlflow(result, path)
     logged = mlflow.get_run(run.info.run_id)
