@@ -14,7 +14,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from soundmood import calibration, evaluate
-from soundmood.conditions import CLEAN
+from soundmood.conditions import CLEAN, REDETECTED
 from soundmood.data.prepare import load_split
 from tests.conftest import compose_config
 
@@ -177,7 +177,8 @@ def test_robustness_json_carries_ece_and_confident_answers(evaluated: dict) -> N
     assert robust["clean"]["ece"] == metrics["ece"]
     assert robust["clean"]["confident_coverage"] == metrics["confident_coverage"]
     assert robust["clean"]["confident_accuracy"] == metrics["confident_accuracy"]
-    assert list(robust["conditions"]) == list(evaluated["cfg"].evaluate.conditions)
+    # the nine conditions, then the detection path (a sample of faces, scored the same way)
+    assert list(robust["conditions"]) == [*evaluated["cfg"].evaluate.conditions, REDETECTED]
     for name, scores in robust["conditions"].items():
         assert 0 <= scores["ece"] <= 1, name
         assert 0 <= scores["confident_coverage"] <= 1, name

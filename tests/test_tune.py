@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import soundmood.tune.study as tune_study
 from soundmood import train, tune
+from soundmood.conditions import REDETECTED
 from soundmood.config import validate, with_values
 from soundmood.errors import ConfigError
 from soundmood.tune.report import handed_over
@@ -187,7 +188,7 @@ def test_best_params_are_handed_to_train(pruned_study: dict, tmp_path: Path) -> 
     run = MlflowClient(pruned_study["uri"]).get_run(run_json["mlflow_run_id"])
     # the capture conditions, scored on validation for choices that must not read test
     val_robust = json.loads((Path(cfg.evaluate.reports_dir) / "robustness_val.json").read_text())
-    assert list(val_robust["conditions"]) == list(cfg.evaluate.conditions)
+    assert list(val_robust["conditions"]) == [*cfg.evaluate.conditions, REDETECTED]
     assert val_robust["images"] == len(np.load(Path(cfg.data.prepared_dir) / "val_y.npy"))
     assert run.data.metrics["val_robust_worst_accuracy"] == val_robust["worst_accuracy"]
     assert run.data.params["tuned.train.lr"] == str(best["train.lr"])
