@@ -20,6 +20,7 @@ from soundmood.data.layout import list_split
 from soundmood.errors import ConfigError
 from soundmood.inference.redetect import CONTEXTS, background, margin, redetect, sample
 from soundmood.inference.settings import from_config
+from soundmood.registry.gate import condition_floor_failure
 
 from .conftest import compose_config
 
@@ -160,3 +161,16 @@ def test_a_condition_may_not_take_the_detection_path_s_name() -> None:
 def test_every_context_is_configured_and_declared() -> None:
     assert set(compose_config().evaluate.redetect.contexts) == set(CONTEXTS)
     assert set(REDETECT_CONTEXTS) == set(CONTEXTS)
+
+
+def test_the_gate_reads_the_detection_path_back_from_the_metrics() -> None:
+    """robust_redetected_accuracy is a condition's figure for the promotion floor, unlike the
+    summaries (robust_worst_accuracy) and the on-found accuracy."""
+    metrics = {
+        "robust_redetected_accuracy": 0.55,
+        "robust_redetected_accuracy_on_detected": 0.9,
+        "robust_dark_accuracy": 0.86,
+        "robust_worst_accuracy": 0.55,
+    }
+    assert robustness.condition_accuracies(metrics) == {"redetected": 0.55, "dark": 0.86}
+    assert "redetected 0.5500" in (condition_floor_failure(metrics, 0.6) or "")

@@ -24,8 +24,9 @@ CONDITIONS_KEY = "evaluate.conditions"
 AUGMENT_KEY = "train.augment"
 CLEAN = "clean"
 REDETECTED = "redetected"  # the detection path's condition (evaluate.redetect)
+SUMMARY_NAMES = (CLEAN, "worst", "mean")  # robust_worst_accuracy etc. name no condition
 # would collide with summary metric names, or with the detection path's condition
-RESERVED_NAMES = (CLEAN, "worst", "mean", REDETECTED)
+RESERVED_NAMES = (*SUMMARY_NAMES, REDETECTED)
 # nor may a name end so: robust_<name>_confident_accuracy is a trust figure, not an accuracy
 CONFIDENT_SUFFIX = "_confident"
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")

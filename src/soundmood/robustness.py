@@ -32,7 +32,7 @@ from soundmood.conditions import (
     CLEAN,
     CONFIDENT_SUFFIX,
     REDETECTED,
-    RESERVED_NAMES,
+    SUMMARY_NAMES,
     Condition,
     check_config,
 )
@@ -285,7 +285,7 @@ def condition_accuracies(robust_metrics: Mapping[str, Any]) -> dict[str, float]:
         match = _RUN_METRIC.match(key)
         if (
             match
-            and match["name"] not in RESERVED_NAMES
+            and match["name"] not in SUMMARY_NAMES  # the redetected condition is gated too
             and not match["name"].endswith(CONFIDENT_SUFFIX)
         ):
             found[match["name"]] = float(value)
