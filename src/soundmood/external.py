@@ -21,11 +21,11 @@ from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
 from soundmood import tracking
-from soundmood.data.images import ImageError, load_face, open_image, to_rgb
+from soundmood.data.images import ImageError, load_face
 from soundmood.data.labelled import LabelledFolder, LabelledImages, list_images, parse_sets
 from soundmood.fileio import write_json
 from soundmood.forward import Forward, tta_probabilities
-from soundmood.inference.detect import detect_faces
+from soundmood.inference.detect import detect_faces, load_photo
 from soundmood.model_card import EXTERNAL_FILE as REPORT_FILE
 from soundmood.model_card import external_figures
 
@@ -42,7 +42,7 @@ def decode(path: Path, size: int, detect: bool, inference: Any = None) -> np.nda
     `detect` the most confident detected face aligned (None: no face). ImageError: unreadable."""
     if not detect:
         return load_face(path, size)
-    faces = detect_faces(to_rgb(open_image(path)), inference)
+    faces = detect_faces(load_photo(path), inference)
     if not faces:
         return None
     return max(faces, key=lambda face: face.confidence).crop(size)
