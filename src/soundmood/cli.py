@@ -110,14 +110,15 @@ COMMANDS: dict[str, Command] = {
         "soundmood.train:run",
         "train the configured model, keep the best validation epoch, pick its logit "
         "adjustment on validation, save models/model.keras and score it on the validation "
-        "split's capture conditions",
+        "split's capture conditions and detection path",
         stage=True,
     ),
     "evaluate": Command(
         "soundmood.evaluate:run",
         "export models/model.keras to ONNX (the graph the served model runs) and score it "
-        "on the test split once, clean and under each capture condition; write "
-        "reports/metrics.json and reports/robustness.json and log everything to MLflow",
+        "on the test split once, clean, under each capture condition and through the "
+        "detection path (redetected), and on any evaluate.external sets; write "
+        "reports/metrics.json, robustness.json and external.json and log everything to MLflow",
         stage=True,
     ),
     "register": Command(
