@@ -342,9 +342,10 @@ def test_evaluation_writes_and_logs_every_condition(
         for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "robustness")
     }
     assert artifacts == {"robustness.json", "robustness.csv"}
-    # The gate reads the same figures back from the run (confident_accuracy is not a condition).
+    # The gate reads the same figures back from the run, the detection path's included
+    # (confident_accuracy is not a condition).
     assert robustness.condition_accuracies(logged) == {
-        n: result["conditions"][n]["accuracy"] for n in names
+        n: result["conditions"][n]["accuracy"] for n in every
     }
 
 
