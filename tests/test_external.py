@@ -143,7 +143,7 @@ def test_scores_match_sklearn_with_missing_class_and_unreadable_files(tmp_path: 
     (root / "sad" / "notes.txt").write_text("not an image")
     folder = _folder(root, label_map={"anger": "angry"})
     with pytest.warns(UserWarning, match="skipped") as caught:
-        report = external.score_set(_by_shade, folder, CLASSES, 16, 4, True)
+        report = external.Scorer(_by_shade, CLASSES, 16, 4, True).score(folder)
     assert report["images"] == 6
     assert report["accuracy"] == round(accuracy_score(y_true, y_pred), 4)
     present = [0, 1, 3]
@@ -192,7 +192,9 @@ def test_detect_faces_counts_an_image_without_a_face_as_a_miss(
     _flat(root / "angry" / "1.png", 250)
     _flat(root / "happy" / "0.png", 60)
     _flat(root / "happy" / "1.png", 240)
-    report = external.score_set(_by_shade, _folder(root, detect_faces=True), CLASSES, 16, 2, False)
+    report = external.Scorer(_by_shade, CLASSES, 16, 2, False).score(
+        _folder(root, detect_faces=True)
+    )
     assert report["detected"] == 0.5 and report["accuracy"] == 0.5
     assert report["confusion"]["labels"] == [*CLASSES, "no_face"]
     assert report["confusion"]["matrix"][:2] == [[1, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 1]]
@@ -213,7 +215,7 @@ def test_an_absent_folder_is_skipped_with_a_warning(tmp_path: Path) -> None:
         CLASSES,
     )
     with pytest.warns(UserWarning, match=r"evaluate\.external\.gone: .*nowhere does not exist"):
-        result = external.score_sets(_by_shade, sets, CLASSES, 16, 4, False)
+        result = external.Scorer(_by_shade, CLASSES, 16, 4, False).score_all(sets)
     assert result["sets"]["gone"] == {
         "skipped": "folder does not exist",
         "path": str(tmp_path / "nowhere"),
@@ -258,7 +260,7 @@ def test_mlflow_gets_each_set_as_a_dataset_input_with_its_metrics(
     root = tmp_path / "set"
     _scored_set(root)
     folder = _folder(root, label_map={"anger": "angry"})
-    result = external.score_sets(_by_shade, [folder], CLASSES, 16, 4, False)
+    result = external.Scorer(_by_shade, CLASSES, 16, 4, False).score_all([folder])
     path = external.write_report(result, tmp_path / "reports")
     mlflow.set_experiment("external-sets")  # this test's store, not an id an earlier test left
     with mlflow.start_run() as run:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,60 +93,49 @@ def _round(value: float) -> float:
     return round(float(value), 4)
 
 
-def score_set(
-    forward: Forward,
-    folder: LabelledFolder,
-    classes: Sequence[str],
-    image_size: int,
-    batch_size: int,
-    tta_flip: bool,
-    inference: Any = None,
-) -> dict[str, Any]:
-    """One set's report; `{"skipped": why, "path": ...}` when its folder does not exist."""
-    if not folder.path.is_dir():
-        message = f"{folder.key or folder.name}: {folder.path} does not exist; set skipped"
-        warnings.warn(message, stacklevel=2)
-        log.warning(message)
-        return {"skipped": "folder does not exist", "path": str(folder.path)}
-    images = list_images(folder, classes)
-    unreadable = [f"{path}: {why}" for path, why in images.refused]
-    faces, kept, found = [], [], []
-    for path, label in zip(images.paths, images.labels, strict=True):
-        try:
-            face = decode(path, image_size, folder.detect_faces, inference)
-        except ImageError as exc:
-            unreadable.append(str(exc))
-            continue
-        kept.append(label)
-        found.append(face is not None)
-        if face is not None:
-            faces.append(face)
-    for line in unreadable:
-        warnings.warn(f"{folder.key or folder.name}: skipped {line}", stacklevel=2)
-    y_true = np.asarray(kept, dtype=np.int64)
-    y_pred = np.full(len(kept), MISS, dtype=np.int64)
-    if faces:
-        probs = tta_probabilities(forward, np.stack(faces), batch_size, tta_flip)
-        y_pred[np.asarray(found)] = probs.argmax(axis=1)
-    return set_report(images, y_pred, y_true, unreadable)
+@dataclass(frozen=True)
+class Scorer:
+    """How every set is scored: the served forward pass and how images are fed to it."""
 
+    forward: Forward
+    classes: Sequence[str]
+    image_size: int
+    batch_size: int
+    tta_flip: bool
+    inference: Any = None  # the inference config detect_faces uses (None: its defaults)
 
-def score_sets(
-    forward: Forward,
-    sets: Sequence[LabelledFolder],
-    classes: Sequence[str],
-    image_size: int,
-    batch_size: int,
-    tta_flip: bool,
-    inference: Any = None,
-) -> dict[str, Any]:
-    """Every set's report, by name: external.json's content."""
-    return {
-        "sets": {
-            s.name: score_set(forward, s, classes, image_size, batch_size, tta_flip, inference)
-            for s in sets
-        }
-    }
+    def score(self, folder: LabelledFolder) -> dict[str, Any]:
+        """One set's report; `{"skipped": why, "path": ...}` when its folder does not exist."""
+        if not folder.path.is_dir():
+            message = f"{folder.key or folder.name}: {folder.path} does not exist; set skipped"
+            warnings.warn(message, stacklevel=2)
+            log.warning(message)
+            return {"skipped": "folder does not exist", "path": str(folder.path)}
+        images = list_images(folder, self.classes)
+        unreadable = [f"{path}: {why}" for path, why in images.refused]
+        faces, kept, found = [], [], []
+        for path, label in zip(images.paths, images.labels, strict=True):
+            try:
+                face = decode(path, self.image_size, folder.detect_faces, self.inference)
+            except ImageError as exc:
+                unreadable.append(str(exc))
+                continue
+            kept.append(label)
+            found.append(face is not None)
+            if face is not None:
+                faces.append(face)
+        for line in unreadable:
+            warnings.warn(f"{folder.key or folder.name}: skipped {line}", stacklevel=2)
+        y_true = np.asarray(kept, dtype=np.int64)
+        y_pred = np.full(len(kept), MISS, dtype=np.int64)
+        if faces:
+            probs = tta_probabilities(self.forward, np.stack(faces), self.batch_size, self.tta_flip)
+            y_pred[np.asarray(found)] = probs.argmax(axis=1)
+        return set_report(images, y_pred, y_true, unreadable)
+
+    def score_all(self, sets: Sequence[LabelledFolder]) -> dict[str, Any]:
+        """Every set's report, by name: external.json's content."""
+        return {"sets": {folder.name: self.score(folder) for folder in sets}}
 
 
 def write_report(result: Mapping[str, Any], reports: Path) -> Path:
@@ -171,15 +161,15 @@ def configured(cfg: DictConfig) -> list[LabelledFolder]:
 def run(cfg: DictConfig, forward: Forward) -> tuple[dict[str, Any], Path]:
     """Score every configured set through `forward` (the served graph) as evaluate configures
     predictions, and write reports/external.json; returns its content and path."""
-    result = score_sets(
+    scorer = Scorer(
         forward,
-        configured(cfg),
         list(cfg.data.classes),
         int(cfg.data.image_size),
         int(cfg.evaluate.batch_size),
         bool(cfg.evaluate.tta_flip),
         cfg.get("inference"),
     )
+    result = scorer.score_all(configured(cfg))
     return result, write_report(result, Path(cfg.evaluate.reports_dir))
 
 
