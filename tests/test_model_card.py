@@ -203,6 +203,9 @@ def test_condition_tags_are_parsed_by_their_longest_suffix():
         "robust_jpeg_q10_min_recall": "0.2",
         "robust_jpeg_q10_macro_f1": "0.45",
         "robust_worst_accuracy": "0.5",
+        "robust_redetected_accuracy": "0.72",
+        "robust_redetected_detected": "0.8",
+        "robust_redetected_accuracy_on_detected": "0.9",
     }
     assert model_card.condition_figures(tags) == {
         "jpeg_q10": {
@@ -211,8 +214,27 @@ def test_condition_tags_are_parsed_by_their_longest_suffix():
             "confident_coverage": 0.3,
             "min_recall": 0.2,
             "macro_f1": 0.45,
-        }
+        },
+        "redetected": {"accuracy": 0.72, "detected": 0.8, "accuracy_on_detected": 0.9},
     }
+
+
+def test_the_detection_path_s_figures_are_a_known_limit():
+    tags = {
+        "test_accuracy": "0.89",
+        "robust_redetected_accuracy": "0.737",
+        "robust_redetected_detected": "0.808",
+        "robust_redetected_accuracy_on_detected": "0.912",
+    }
+    limits = model_card.known_limits(model_card.figures(tags, CLASSES))
+    assert (
+        "Through the face detector (test faces re-embedded in pictures and found again), 80.8% "
+        "were found; accuracy 0.7370 counting a face not found as wrong, 0.9120 on the faces "
+        "found." in limits
+    )
+    without = {k: v for k, v in tags.items() if not k.endswith("detected")}
+    limits = model_card.known_limits(model_card.figures(without, CLASSES))
+    assert not any("face detector" in line for line in limits)
 
 
 def test_a_card_too_long_for_the_description_is_cut_at_a_section():

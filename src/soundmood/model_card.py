@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from soundmood.conditions import REDETECTED
+
 METRIC_PREFIX = "test_"  # version tags test_<metric> hold reports/metrics.json
 ROBUST_PREFIX = "robust_"  # version tags robust_<condition>_<stat> hold reports/robustness.json
 # version tags external_<set>_<stat> hold reports/external.json (soundmood.external)
@@ -29,6 +31,8 @@ RECALL_SUFFIX = "_recall"
 CONDITION_STATS = (
     "confident_coverage",
     "confident_accuracy",
+    "accuracy_on_detected",  # the redetected condition's (the detection path), before detected
+    "detected",
     "min_recall",
     "macro_f1",
     "accuracy",
@@ -257,6 +261,14 @@ def known_limits(fig: Figures, worst: int = 3) -> list[str]:
         )
     elif not accuracies:
         limits.append("No capture condition was measured: robustness is unknown.")
+    path = fig.conditions.get(REDETECTED, {})
+    if "detected" in path:
+        limits.append(
+            f"Through the face detector (test faces re-embedded in pictures and found again), "
+            f"{percent(path['detected'])} were found; accuracy {fmt(path.get('accuracy'))} "
+            f"counting a face not found as wrong, {fmt(path.get('accuracy_on_detected'))} on "
+            "the faces found."
+        )
     ece, before = fig.get("ece"), fig.get("ece_before_temperature")
     if ece is not None:
         was = f" (before the temperature: {fmt(before)})" if before is not None else ""
