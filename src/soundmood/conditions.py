@@ -24,6 +24,8 @@ CONDITIONS_KEY = "evaluate.conditions"
 AUGMENT_KEY = "train.augment"
 CLEAN = "clean"
 REDETECTED = "redetected"  # the detection path's condition (evaluate.redetect)
+# its own figures; a suffix that ends another comes first (robust_redetected_accuracy_on_detected)
+DETECTION_STATS = ("accuracy_on_detected", "detected")
 SUMMARY_NAMES = (CLEAN, "worst", "mean")  # robust_worst_accuracy etc. name no condition
 # would collide with summary metric names, or with the detection path's condition
 RESERVED_NAMES = (*SUMMARY_NAMES, REDETECTED)

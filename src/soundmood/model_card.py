@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from soundmood.conditions import REDETECTED
+from soundmood.conditions import DETECTION_STATS, REDETECTED
 
 METRIC_PREFIX = "test_"  # version tags test_<metric> hold reports/metrics.json
 ROBUST_PREFIX = "robust_"  # version tags robust_<condition>_<stat> hold reports/robustness.json
@@ -28,16 +28,8 @@ EXTERNAL_STATS = ("accuracy", "macro_f1", "detected")  # per set, besides <class
 RECALL_SUFFIX = "_recall"
 # Per-condition figures kept as tags (robustness.mlflow_metrics); a suffix that ends another comes
 # after it, so robust_x_confident_accuracy is not condition x_confident's accuracy.
-CONDITION_STATS = (
-    "confident_coverage",
-    "confident_accuracy",
-    "accuracy_on_detected",  # the redetected condition's (the detection path), before detected
-    "detected",
-    "min_recall",
-    "macro_f1",
-    "accuracy",
-    "ece",
-)
+CONFIDENT_STATS = ("confident_coverage", "confident_accuracy")
+CONDITION_STATS = (*CONFIDENT_STATS, *DETECTION_STATS, "min_recall", "macro_f1", "accuracy", "ece")
 SUMMARY_NAMES = ("worst", "mean", "seconds", "clean")  # robust_worst_accuracy etc.: no condition
 CARD_FILE = "model_card.md"
 # MLflow's SQL stores keep a version description in VARCHAR(5000) (PostgreSQL enforces it): a

@@ -31,6 +31,7 @@ from soundmood.calibration import expected_calibration_error, selective_curve
 from soundmood.conditions import (
     CLEAN,
     CONFIDENT_SUFFIX,
+    DETECTION_STATS,
     REDETECTED,
     SUMMARY_NAMES,
     Condition,
@@ -210,7 +211,6 @@ def summarise(clean: Mapping[str, Any], scores: Mapping[str, Mapping[str, Any]])
 
 STATS = ("accuracy", "macro_f1", "min_recall")
 TRUST_STATS = ("ece", "confident_coverage", "confident_accuracy")  # absent from older reports
-DETECTION_STATS = ("detected", "accuracy_on_detected")  # the redetected condition's alone
 
 
 def mlflow_metrics(result: Mapping[str, Any], prefix: str = "robust_") -> dict[str, float]:
