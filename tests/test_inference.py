@@ -117,8 +117,8 @@ def test_min_confidence_and_confident_precision_are_checked_by_name() -> None:
     with pytest.raises(ConfigError, match=r"^inference\.confident_precision: 0 is not in \(0"):
         from_config({"confident_precision": 0})
     assert from_config({"min_confidence": None}).min_confidence is None
-    both = from_config({"min_confidence": 0.8, "confident_precision": 1})
-    assert both.min_confidence == 0.8 and both.detector.min_confidence == 0.9  # not the detector's
+    both = from_config({"min_confidence": 0.7, "confident_precision": 1})
+    assert both.min_confidence == 0.7 and both.detector.min_confidence == 0.8  # not the detector's
 
 
 def test_the_threshold_in_force(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def test_margin_faces_are_found_again_and_framed_like_raf_db(faces) -> None:
     x, _ = faces
     settings = from_config(None)
     again = redetect(x, "margin", {"face_side": [100, 100]}, settings, seed=0)
-    assert again.found.sum() >= 6, again.found  # the detector's 0.9 floor drops a few
+    assert again.found.sum() >= 6, again.found  # the detector's score floor drops a few
     assert again.crops.shape == (again.found.sum(), SIZE, SIZE, 3)
     error = np.abs(again.crops.astype(float) - x[again.found].astype(float)).mean(axis=(1, 2, 3))
     assert np.median(error) < 25, error  # aligned back close to the original crop (0-255 scale)

@@ -295,7 +295,7 @@ KEYS: dict[str, Spec] = {
             "numbers", "P-Net, R-Net, O-Net score thresholds", 0.0, 1.0, open_high=True,
             length=3, default=[0.6, 0.7, 0.8],
         ),
-        "min_confidence": number("score a face needs", 0.0, 1.0, open_high=True, default=0.9),
+        "min_confidence": number("score a face needs", 0.0, 1.0, open_high=True, default=0.8),
         "max_faces": integer("faces kept a photo", 1, default=20),
     }),
     **_group("inference.crop", {
