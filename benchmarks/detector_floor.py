@@ -8,8 +8,8 @@ Each of --n sampled faces of the prepared --split is placed by every context of
 evaluate.redetect (soundmood.inference.redetect), detected once per stage-threshold set with no
 score floor, and classified; each floor then keeps the faces scored at or above it (a face under
 the floor is a miss, as for the service). False positives: faces found at each floor on
-scikit-image's sample pictures, at 640 px, none of which holds a face but `astronaut` and
-`camera` (one each, so a second face there is false too).
+scikit-image's sample pictures, at 640 and 1280 px on the long side, none of which holds a face
+but `astronaut` and `camera` (one each, so a second face there is false too).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ PICTURES = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "gras
 PICTURES += ("coins", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel")
 PICTURES += ("logo", "page", "text", "horse", "moon", "clock")
 FACES_IN = {"astronaut": 1, "camera": 1}
+SIDES = (640, 1280)
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,15 @@ def place_all(x, y, cfg, settings: Settings, model, tta: bool) -> list[Placed]:
 
 
 def false_faces(settings: Settings) -> dict[str, list[float]]:
-    """Scores of the faces found beyond the true ones on each sample picture."""
+    """Scores of the faces found beyond the true ones on each sample picture at each side."""
     found = {}
     for name in PICTURES:
         picture = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-        scale = 640 / max(picture.size)
-        picture = picture.resize((round(picture.width * scale), round(picture.height * scale)))
-        scores = sorted((f.confidence for f in detect_faces(picture, settings)), reverse=True)
-        found[name] = scores[FACES_IN.get(name, 0) :]
+        for side in SIDES:
+            scale = side / max(picture.size)
+            resized = picture.resize((round(picture.width * scale), round(picture.height * scale)))
+            scores = sorted((f.confidence for f in detect_faces(resized, settings)), reverse=True)
+            found[f"{name}@{side}"] = scores[FACES_IN.get(name, 0) :]
     return found
 
 
@@ -116,9 +118,8 @@ def main() -> None:
     picked = sample(len(x), args.n, int(cfg.evaluate.get("condition_seed", 0)))
     model, tta = load_model(args.model), bool(cfg.evaluate.tta_flip)
     base = from_config(cfg.get("inference"))
-    print(
-        f"{len(picked)} {args.split} faces x each context; false faces on {len(PICTURES)} pictures"
-    )
+    pictures = f"{len(PICTURES)} sample pictures at {', '.join(map(str, SIDES))} px"
+    print(f"{len(picked)} {args.split} faces in each context; {pictures}")
     print("| stages | floor | found | acc | acc on found | found per context | false faces |")
     print("|---|---|---|---|---|---|---|")
     for stages in args.stages:
