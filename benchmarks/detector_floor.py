@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import zlib
 from dataclasses import dataclass, replace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,7 +28,7 @@ from soundmood.config import load
 from soundmood.data.prepare import load_split
 from soundmood.inference.detect import detect_faces
 from soundmood.inference.predict import classify, load_model
-from soundmood.inference.redetect import CONTEXTS, matching_face, sample
+from soundmood.inference.redetect import matching_face, placed, sample
 from soundmood.inference.settings import Settings, from_config
 
 PICTURES = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "grass", "gravel")
@@ -41,7 +39,7 @@ SIDES = (640, 1280)
 
 
 @dataclass(frozen=True)
-class Placed:
+class Outcome:
     context: str
     label: int
     score: float | None  # the matching face's detector score; None: not found at any score
@@ -55,21 +53,19 @@ def unfloored(settings: Settings, stages: tuple[float, float, float]) -> Setting
     )
 
 
-def place_all(x, y, cfg, settings: Settings, model, tta: bool) -> list[Placed]:
+def place_all(x, y, cfg, settings: Settings, model, tta: bool) -> list[Outcome]:
     seed = int(cfg.evaluate.get("condition_seed", 0))
     rows = []
     for name, params in cfg.evaluate.redetect.contexts.items():
         if not params:
             continue
-        rng = random.Random(zlib.crc32(f"{seed}:{name}".encode()))  # as redetect() draws
-        for image, label in zip(x, y, strict=True):
-            picture, truth = CONTEXTS[name](Image.fromarray(image), rng, **params)
+        for (picture, truth), label in zip(placed(x, name, params, seed), y, strict=True):
             face = matching_face(detect_faces(picture, settings), truth)
             predicted = None
             if face is not None:
                 predicted = int(classify(model, face.crop(x.shape[1])[None], tta).argmax())
             rows.append(
-                Placed(name, int(label), None if face is None else face.confidence, predicted)
+                Outcome(name, int(label), None if face is None else face.confidence, predicted)
             )
     return rows
 
@@ -87,11 +83,11 @@ def false_faces(settings: Settings) -> dict[str, list[float]]:
     return found
 
 
-def _found(row: Placed, floor: float) -> bool:
+def _found(row: Outcome, floor: float) -> bool:
     return row.score is not None and row.score >= floor
 
 
-def report(stages: str, rows: list[Placed], false: dict[str, list[float]], floor: float) -> str:
+def report(stages: str, rows: list[Outcome], false: dict[str, list[float]], floor: float) -> str:
     kept = [r for r in rows if _found(r, floor)]
     right = sum(r.predicted == r.label for r in kept)
     per = " ".join(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from soundmood.conditions import DETECTION_STATS, REDETECTED
+from soundmood.conditions import SUMMARY_NAMES as NO_CONDITION
 
 METRIC_PREFIX = "test_"  # version tags test_<metric> hold reports/metrics.json
 ROBUST_PREFIX = "robust_"  # version tags robust_<condition>_<stat> hold reports/robustness.json
@@ -30,7 +31,7 @@ RECALL_SUFFIX = "_recall"
 # after it, so robust_x_confident_accuracy is not condition x_confident's accuracy.
 CONFIDENT_STATS = ("confident_coverage", "confident_accuracy")
 CONDITION_STATS = (*CONFIDENT_STATS, *DETECTION_STATS, "min_recall", "macro_f1", "accuracy", "ece")
-SUMMARY_NAMES = ("worst", "mean", "seconds", "clean")  # robust_worst_accuracy etc.: no condition
+SUMMARY_NAMES = (*NO_CONDITION, "seconds")  # robust_worst_accuracy, robust_seconds: no condition
 CARD_FILE = "model_card.md"
 # MLflow's SQL stores keep a version description in VARCHAR(5000) (PostgreSQL enforces it): a
 # longer card is cut at a section boundary there; the artifact always holds all of it.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +122,17 @@ def sample(n_images: int, faces: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_images, size=min(faces, n_images), replace=False))
 
 
+def placed(
+    images: np.ndarray, context: str, params: Mapping[str, Any], seed: int
+) -> Iterator[tuple[Image.Image, Truth]]:
+    """Each uint8 face of `images` in its picture by `context`, and where it is: the same
+    pictures for the same seed, on every run."""
+    rng = random.Random(zlib.crc32(f"{seed}:{context}".encode()))
+    place = CONTEXTS[context]
+    for image in images:
+        yield place(Image.fromarray(image), rng, **params)
+
+
 def redetect(
     images: np.ndarray,
     context: str,
@@ -131,12 +142,9 @@ def redetect(
 ) -> Redetected:
     """Each uint8 face of `images` (N, H, W, 3) placed by `context` with `params`, detected and
     aligned with `settings` (cfg.inference) and resized back to H."""
-    rng = random.Random(zlib.crc32(f"{seed}:{context}".encode()))
-    place = CONTEXTS[context]
     size = images.shape[1]
     found, crops = [], []
-    for image in images:
-        picture, truth = place(Image.fromarray(image), rng, **params)
+    for picture, truth in placed(images, context, params, seed):
         face = matching_face(detect_faces(picture, settings), truth)
         found.append(face is not None)
         if face is not None:
