@@ -51,6 +51,20 @@ def _queue_status(repo: Path, env: dict[str, str]) -> list[tuple[str, str]]:
     return rows
 
 
+def _queue_done(repo: Path, env: dict[str, str]) -> bool:
+    """No task queued or running; False while `dvc queue status` fails (a result mid-write)."""
+    result = subprocess.run(
+        ["dvc", "queue", "status"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=STATUS_LIMIT_S,
+    )
+    states = {line.split()[-1] for line in result.stdout.splitlines() if line.split()}
+    return result.returncode == 0 and not states & {"Queued", "Running"}
+
+
 def _start_workers(repo: Path, env: dict[str, str], log: Path) -> None:
     """`dvc queue start -j 2`, its output to a file: the workers it daemonises inherit its
     stdout, so a captured pipe stays open (and `subprocess.run` waits) until the last worker
@@ -138,7 +152,9 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
         while not _workers(repo) and time.monotonic() - start < WORKER_START_S:
             time.sleep(1)  # `dvc queue start` returns as its daemons exec
         while _workers(repo) and time.monotonic() - start < QUEUE_LIMIT_S:
-            time.sleep(5)
+            time.sleep(15)
+            if _queue_done(repo, env):  # a worker can miss celery's shutdown and never exit
+                break
         statuses = _queue_status(repo, env)
         if any(s in {"Queued", "Running"} for _, s in statuses):
             pytest.fail(f"queue not done in {time.monotonic() - start:.0f}s: {statuses}")
